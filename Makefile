@@ -1,0 +1,46 @@
+# Two commands to know: `make run` (the whole pipeline) and `make test`.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
+INSTALLED := $(VENV)/.installed
+# Loopback only, unless you say otherwise: the UI has no authentication.
+HOST ?= 127.0.0.1
+PORT ?= 5000
+
+.PHONY: run test params ui lock clean
+
+## run: compose conf/ into params.yaml, then run the five stages (`dvc repro`)
+run: params
+	dvc repro
+
+## test: the test suite (real DVC, Hydra, MLflow and TensorFlow on tiny data)
+test: $(INSTALLED)
+	pytest $(PYTEST_ARGS)
+
+## params: compose conf/ (plus OVERRIDES="key=value ...") into params.yaml
+params: $(INSTALLED)
+	python -m pipeline.config $(OVERRIDES)
+
+## ui: the MLflow UI over the project's store, on http://$(HOST):$(PORT)
+ui: $(INSTALLED)
+	@echo "Training runs: http://$(HOST):$(PORT)/#/experiments/$$(python -m pipeline.tracking experiment-id)/runs"
+	mlflow ui --backend-store-uri "$${MLFLOW_TRACKING_URI:-sqlite:///$(CURDIR)/mlflow.db}" \
+		--default-artifact-root "$(CURDIR)/mlartifacts" --host $(HOST) --port $(PORT)
+
+## lock: re-resolve pyproject.toml's ranges into requirements.lock (needs the network)
+lock:
+	rm -rf .lock-venv && $(PYTHON) -m venv .lock-venv
+	.lock-venv/bin/pip install --quiet --upgrade pip && .lock-venv/bin/pip install --quiet ".[test]"
+	{ sed -n 1p requirements.lock; .lock-venv/bin/pip freeze --exclude mnist-pipeline; } > requirements.lock.new
+	mv requirements.lock.new requirements.lock && rm -rf .lock-venv
+
+$(INSTALLED): requirements.lock
+	$(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install --quiet --upgrade pip
+	$(VENV)/bin/pip install --quiet -r requirements.lock
+	touch $@
+
+## clean: remove the environment (outputs stay in the DVC cache)
+clean:
+	rm -rf $(VENV)

@@ -1,0 +1,103 @@
+"""Stage 5, error-analysis: where the model goes wrong on the test set, as tables and pictures.
+
+Reads the test probabilities evaluate wrote, so it needs no TensorFlow.
+"""
+
+import sys
+
+import matplotlib
+import numpy as np
+import pandas as pd
+from sklearn.metrics import ConfusionMatrixDisplay, confusion_matrix
+
+from pipeline import tracking
+from pipeline.config import ErrorAnalysisConfig, run_stage
+from pipeline.data_io import PREDICTIONS_FILE, REPORTS_DIR, load_array, load_split, save_figure, write_csv
+
+matplotlib.use("Agg")  # no display needed: figures go to files
+import matplotlib.pyplot as plt  # noqa: E402
+
+OUTPUT_DIR = REPORTS_DIR / "error_analysis"
+PER_CLASS_FILE = OUTPUT_DIR / "per_class.csv"
+CONFUSION_CSV = OUTPUT_DIR / "confusion_matrix.csv"
+CONFUSION_PNG = OUTPUT_DIR / "confusion_matrix.png"
+PREDICTIONS_CSV = OUTPUT_DIR / "predictions.csv"
+PAIRS_FILE = OUTPUT_DIR / "confused_pairs.csv"
+GALLERY_FILE = OUTPUT_DIR / "misclassified.png"
+DIGITS = list(range(10))
+
+
+def error_analysis(config: ErrorAnalysisConfig) -> None:
+    test_images, test_labels = load_split("test")
+    probabilities = load_array(PREDICTIONS_FILE)
+    if len(probabilities) != len(test_labels):
+        raise ValueError(f"{PREDICTIONS_FILE} has {len(probabilities)} rows for {len(test_labels)} test "
+                         "images; rerun evaluate with `dvc repro`")
+    labels = np.asarray(test_labels).astype(int)
+    predictions = probabilities.argmax(axis=1)
+    confidences = probabilities.max(axis=1)
+    matrix = confusion_matrix(labels, predictions, labels=DIGITS)
+
+    support = matrix.sum(axis=1)
+    correct = np.diag(matrix)
+    per_class = pd.DataFrame({
+        "digit": DIGITS,
+        "support": support,
+        "correct": correct,
+        "accuracy": np.divide(correct, support, out=np.zeros(10), where=support > 0),
+    })
+    per_class["error_rate"] = 1 - per_class.accuracy
+    write_csv(PER_CLASS_FILE, per_class)
+    write_csv(CONFUSION_CSV, pd.DataFrame(matrix, index=pd.Index(DIGITS, name="true"),
+                                          columns=[f"predicted_{digit}" for digit in DIGITS]), index=True)
+    # One row per test image: what DVC's confusion-matrix plot template reads.
+    write_csv(PREDICTIONS_CSV, pd.DataFrame({"actual": labels, "predicted": predictions}))
+    write_csv(PAIRS_FILE, confused_pairs(matrix, config.top_confused_pairs))
+    plot_confusion_matrix(matrix)
+    plot_gallery(test_images, labels, predictions, confidences, config.gallery_size)
+
+    with tracking.model_run():
+        tracking.log_artifacts([PER_CLASS_FILE, CONFUSION_CSV, CONFUSION_PNG, PAIRS_FILE, GALLERY_FILE],
+                               "error_analysis")
+    worst = per_class.sort_values("accuracy").iloc[0]
+    print(f"error-analysis: {int(support.sum() - correct.sum())} errors; weakest digit {int(worst.digit)} "
+          f"({worst.accuracy:.2%})", file=sys.stderr)
+
+
+def confused_pairs(matrix: np.ndarray, top: int) -> pd.DataFrame:
+    """(true, predicted) pairs ranked by how often the model confuses them."""
+    off_diagonal = matrix.copy()
+    np.fill_diagonal(off_diagonal, 0)
+    true, predicted = np.unravel_index(np.argsort(-off_diagonal, axis=None, kind="stable"), matrix.shape)
+    pairs = pd.DataFrame({"true": true, "predicted": predicted, "count": off_diagonal[true, predicted]})
+    pairs = pairs[pairs["count"] > 0].head(top)
+    pairs["share_of_true_digit"] = pairs["count"] / np.maximum(matrix.sum(axis=1)[pairs.true], 1)
+    return pairs.reset_index(drop=True)
+
+
+def plot_confusion_matrix(matrix: np.ndarray) -> None:
+    figure, axes = plt.subplots(figsize=(7, 6))
+    ConfusionMatrixDisplay(matrix, display_labels=DIGITS).plot(ax=axes, cmap="Blues", colorbar=False)
+    axes.set_title("Confusion matrix, test set")
+    save_figure(figure, CONFUSION_PNG)
+
+
+def plot_gallery(images: np.ndarray, labels: np.ndarray, predictions: np.ndarray,
+                 confidences: np.ndarray, size: int) -> None:
+    """The misclassified digits, most confident mistakes first."""
+    wrong = np.flatnonzero(predictions != labels)
+    wrong = wrong[np.argsort(-confidences[wrong], kind="stable")][:size]
+    columns = 6
+    rows = max(1, -(-len(wrong) // columns))
+    figure, grid = plt.subplots(rows, columns, figsize=(columns * 1.6, rows * 1.9), squeeze=False)
+    for axes in grid.flat:
+        axes.axis("off")
+    for axes, index in zip(grid.flat, wrong):
+        axes.imshow(images[index], cmap="gray_r")
+        axes.set_title(f"true {labels[index]} / pred {predictions[index]}\n{confidences[index]:.0%}", fontsize=8)
+    figure.suptitle(f"Misclassified test digits ({len(wrong)} most confident of {int((predictions != labels).sum())})")
+    save_figure(figure, GALLERY_FILE)
+
+
+if __name__ == "__main__":
+    run_stage(error_analysis, "error_analysis")

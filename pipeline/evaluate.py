@@ -1,0 +1,62 @@
+"""Stage 4, evaluate: the trained model on the official 10,000-image test set.
+
+Writes reports/metrics.json (DVC metrics), the per-class classification report, and the test-set
+probabilities that error-analysis reads (so that stage needs no TensorFlow).
+"""
+
+import sys
+
+import keras
+import mlflow
+import numpy as np
+from sklearn.metrics import accuracy_score, classification_report, log_loss, precision_recall_fscore_support, roc_auc_score
+
+from pipeline import tracking
+from pipeline.config import EvaluateConfig, run_stage
+from pipeline.data_io import MODEL_FILE, PREDICTIONS_FILE, REPORTS_DIR, load_split, require, save_array, write_json
+
+METRICS_FILE = REPORTS_DIR / "metrics.json"
+REPORT_FILE = REPORTS_DIR / "classification_report.json"
+DIGITS = list(range(10))
+
+
+def evaluate(config: EvaluateConfig) -> None:
+    test_images, test_labels = load_split("test")
+    try:
+        model = keras.models.load_model(require(MODEL_FILE), safe_mode=True)
+    except (ValueError, OSError) as error:
+        raise ValueError(f"cannot load {MODEL_FILE} ({str(error).splitlines()[0]}); "
+                         "retrain it with `dvc repro --force train`") from None
+    probabilities = model.predict(test_images, batch_size=config.batch_size, verbose=0).astype(np.float64)
+    probabilities /= probabilities.sum(axis=1, keepdims=True)  # float32 softmax sums drift from 1
+    metrics, report = score(np.asarray(test_labels), probabilities)
+
+    save_array(PREDICTIONS_FILE, probabilities.astype(np.float32))
+    write_json(METRICS_FILE, metrics)
+    write_json(REPORT_FILE, report)
+    with tracking.model_run():
+        mlflow.log_metrics(metrics)
+        tracking.log_artifacts([METRICS_FILE, REPORT_FILE], "evaluation")
+    print(f"evaluate: test accuracy {metrics['test_accuracy']:.4f}, loss {metrics['test_loss']:.4f}", file=sys.stderr)
+
+
+def score(labels: np.ndarray, probabilities: np.ndarray) -> tuple[dict, dict]:
+    predictions = probabilities.argmax(axis=1)
+    precision, recall, f1, _ = precision_recall_fscore_support(
+        labels, predictions, labels=DIGITS, average="macro", zero_division=0)
+    metrics = {
+        "test_accuracy": accuracy_score(labels, predictions),
+        "test_loss": log_loss(labels, probabilities, labels=DIGITS),
+        "precision_macro": precision,
+        "recall_macro": recall,
+        "f1_macro": f1,
+        # One-vs-rest needs every digit among the labels; tiny test subsets may lack one.
+        "roc_auc_ovr": roc_auc_score(labels, probabilities, multi_class="ovr", labels=DIGITS)
+        if len(np.unique(labels)) == len(DIGITS) else None,
+    }
+    report = classification_report(labels, predictions, labels=DIGITS, output_dict=True, zero_division=0)
+    return {key: (None if value is None else float(value)) for key, value in metrics.items()}, report
+
+
+if __name__ == "__main__":
+    run_stage(evaluate, "evaluate")

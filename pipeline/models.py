@@ -1,0 +1,45 @@
+"""Model builders: `model.name` in the config picks one. Both take (n, 28, 28) float32 images."""
+
+import keras
+from keras import layers
+
+from pipeline.config import CnnConfig, MlpConfig
+
+NUM_CLASSES = 10
+IMAGE_SHAPE = (28, 28)
+
+
+def build_model(config: MlpConfig | CnnConfig) -> keras.Model:
+    if config.name == "mlp":
+        return build_mlp(config)
+    if config.name == "cnn":
+        return build_cnn(config)
+    raise ValueError(f"model.name: unknown model {config.name!r}; allowed: mlp, cnn")
+
+
+def build_mlp(config: MlpConfig) -> keras.Model:
+    """The reference model: Dense 512 relu -> Dense 10 softmax on the flattened image."""
+    return keras.Sequential([
+        keras.Input(shape=IMAGE_SHAPE),
+        layers.Flatten(),
+        layers.Dense(config.hidden_units, activation="relu"),
+        layers.Dense(NUM_CLASSES, activation="softmax"),
+    ], name="mlp")
+
+
+def build_cnn(config: CnnConfig) -> keras.Model:
+    """Conv blocks (two 3x3 convolutions with batch norm, then max-pooling), then a dense head."""
+    model = keras.Sequential([keras.Input(shape=IMAGE_SHAPE), layers.Reshape((*IMAGE_SHAPE, 1))], name="cnn")
+    for filters in config.filters:
+        for _ in range(2):
+            # No bias: batch normalisation's offset does its job.
+            model.add(layers.Conv2D(filters, 3, padding="same", use_bias=False))
+            model.add(layers.BatchNormalization())
+            model.add(layers.ReLU())
+        model.add(layers.MaxPooling2D())
+    model.add(layers.Flatten())
+    model.add(layers.Dropout(config.dropout))
+    model.add(layers.Dense(config.dense_units, activation="relu"))
+    model.add(layers.Dropout(config.dropout))
+    model.add(layers.Dense(NUM_CLASSES, activation="softmax"))
+    return model

@@ -1,0 +1,53 @@
+"""Stage 2, preprocess: IDX files -> float32 arrays in [0, 1], with a seeded validation split.
+
+The validation split is carved out of the 60,000 training images; the official 10,000-image
+test set is kept whole and untouched, so test accuracy stays comparable with published figures.
+"""
+
+import dataclasses
+import hashlib
+import sys
+
+import numpy as np
+
+from pipeline.config import DataConfig, PipelineError, run_stage
+from pipeline.data_io import IDX_FILES, PREPARED_DIR, RAW_DIR, SPLITS, parse_idx, require, save_array, write_json
+
+MANIFEST_FILE = PREPARED_DIR / "manifest.json"
+
+
+def preprocess(config: DataConfig) -> None:
+    raw = {key: parse_idx(require(RAW_DIR / name).read_bytes(), name) for key, name in IDX_FILES.items()}
+    for images, labels in (("train_images", "train_labels"), ("test_images", "test_labels")):
+        if raw[images].shape[0] != raw[labels].shape[0] or raw[images].shape[1:] != (28, 28):
+            raise PipelineError(f"{IDX_FILES[images]} has shape {raw[images].shape} but "
+                                f"{IDX_FILES[labels]} has {raw[labels].shape[0]} labels; expected n x 28 x 28")
+
+    order = np.random.default_rng(config.split_seed).permutation(raw["train_images"].shape[0])
+    validation_indices, train_indices = order[:config.validation_size], order[config.validation_size:]
+    splits = {
+        "train": (raw["train_images"][train_indices], raw["train_labels"][train_indices]),
+        "validation": (raw["train_images"][validation_indices], raw["train_labels"][validation_indices]),
+        "test": (raw["test_images"], raw["test_labels"]),
+    }
+
+    digest = hashlib.sha256()
+    manifest = {"config": dataclasses.asdict(config), "splits": {}}
+    for split in SPLITS:
+        images, labels = (array[:config.limit] for array in splits[split])
+        images = images.astype(np.float32) / np.float32(255.0)
+        save_array(PREPARED_DIR / f"{split}_images.npy", images)
+        save_array(PREPARED_DIR / f"{split}_labels.npy", labels)
+        digest.update(images.tobytes())
+        digest.update(labels.tobytes())
+        manifest["splits"][split] = {"count": int(len(labels)),
+                                     "label_counts": np.bincount(labels, minlength=10).tolist()}
+    # One hash of everything the model sees: MLflow runs carry it as lineage.
+    manifest["data_hash"] = digest.hexdigest()
+    write_json(MANIFEST_FILE, manifest)
+    counts = ", ".join(f"{split} {manifest['splits'][split]['count']}" for split in SPLITS)
+    print(f"preprocess: {counts}; data hash {manifest['data_hash'][:12]}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    run_stage(preprocess, "data")

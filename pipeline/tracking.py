@@ -1,0 +1,131 @@
+"""MLflow tracking: where the store is, the one run each trained model owns, and its lineage.
+
+train creates the run and writes its id to models/run.json; evaluate and error-analysis reopen it,
+so everything about one model lands in one run. Stages that DVC restores from its run cache do not
+execute and log nothing: their models/run.json still points at the run that made them.
+"""
+
+import os
+import subprocess
+import sys
+import urllib.request
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+import mlflow
+from mlflow.exceptions import MlflowException
+
+from pipeline.config import PipelineError
+from pipeline.data_io import RUN_FILE, read_json, write_json
+
+DEFAULT_EXPERIMENT = "mnist"
+SERVER_TIMEOUT_SECONDS = 5
+
+
+def project_root() -> Path:
+    # DVC points DVC_ROOT at the main repository even for queued experiments, which run in
+    # temporary copies under .dvc/tmp/exps/: a store resolved from the working directory
+    # would be deleted with the copy.
+    return Path(os.environ.get("DVC_ROOT") or Path(__file__).resolve().parent.parent)
+
+
+def tracking_uri() -> str:
+    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{project_root() / 'mlflow.db'}"
+
+
+def connect() -> str:
+    """Points MLflow at the store, failing fast (not after minutes of retries) on a dead server."""
+    uri = tracking_uri()
+    if uri.startswith(("http://", "https://")):
+        try:
+            urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=SERVER_TIMEOUT_SECONDS).close()
+        except OSError as error:
+            reason = getattr(error, "reason", None) or error
+            raise PipelineError(f"MLflow tracking server {uri} does not answer ({reason}); start it "
+                                "(`make server`) or unset MLFLOW_TRACKING_URI to use the local store") from None
+    mlflow.set_tracking_uri(uri)
+    return uri
+
+
+def experiment_id() -> str:
+    name = os.environ.get("MLFLOW_EXPERIMENT_NAME", DEFAULT_EXPERIMENT)
+    experiment = mlflow.get_experiment_by_name(name)
+    if experiment is not None:
+        return experiment.experiment_id
+    # A local store keeps artifacts beside mlflow.db; a server chooses (and proxies) its own.
+    location = None if tracking_uri().startswith("http") else (project_root() / "mlartifacts").as_uri()
+    try:
+        return mlflow.create_experiment(name, artifact_location=location)
+    except MlflowException:  # a concurrent queue worker created it first
+        return mlflow.get_experiment_by_name(name).experiment_id
+
+
+def git(*arguments: str) -> str:
+    result = subprocess.run(["git", *arguments], capture_output=True, text=True)
+    return result.stdout.strip() if result.returncode == 0 else ""
+
+
+def lineage_tags() -> dict[str, str]:
+    """Git commit and dirty flag, DVC experiment name and baseline."""
+    baseline = os.environ.get("DVC_EXP_BASELINE_REV", "")
+    commit = baseline or git("rev-parse", "HEAD")
+    # params.yaml and dvc.lock are excluded: DVC writes them during a run (experiments apply their
+    # overrides to params.yaml), and the run records every param itself.
+    changes = git("status", "--porcelain", "--", ".", ":(exclude)params.yaml", ":(exclude)dvc.lock")
+    tags = {
+        "mlflow.source.git.commit": commit or "unknown",
+        "git.commit": commit or "unknown",
+        "git.dirty": str(bool(changes) or not commit).lower(),
+    }
+    if os.environ.get("DVC_EXP_NAME"):
+        tags["dvc.exp_name"] = os.environ["DVC_EXP_NAME"]
+    if baseline:
+        tags["dvc.baseline_rev"] = baseline
+    return tags
+
+
+@contextmanager
+def training_run(run_name: str, params: dict, tags: dict) -> Iterator[mlflow.ActiveRun]:
+    """Starts the model's run (with system metrics) and records its id in models/run.json.
+
+    On an exception the run is closed as FAILED, never left RUNNING.
+    """
+    connect()
+    experiment = experiment_id()
+    # Short runs need frequent samples to show anything; the sampler thread costs ~nothing.
+    mlflow.set_system_metrics_sampling_interval(1)
+    mlflow.set_system_metrics_samples_before_logging(1)
+    with mlflow.start_run(experiment_id=experiment, run_name=run_name, tags={**lineage_tags(), **tags},
+                          log_system_metrics=True) as run:
+        mlflow.log_params(params)
+        yield run
+        write_json(RUN_FILE, {"run_id": run.info.run_id, "experiment_id": experiment})
+
+
+@contextmanager
+def model_run() -> Iterator[mlflow.ActiveRun]:
+    """Reopens the run of the model in models/run.json, for evaluate and error-analysis."""
+    run_id = read_json(RUN_FILE)["run_id"]
+    uri = connect()
+    try:
+        mlflow.get_run(run_id)
+    except MlflowException:
+        raise PipelineError(f"MLflow run {run_id} (from {RUN_FILE}) is not in the store {uri}; point "
+                            "MLFLOW_TRACKING_URI at the store that holds it, or retrain with `dvc repro --force train`") from None
+    with mlflow.start_run(run_id=run_id) as run:
+        yield run
+
+
+def log_artifacts(paths: list[Path], artifact_path: str) -> None:
+    for path in paths:
+        mlflow.log_artifact(str(path), artifact_path=artifact_path)
+    print(f"tracking: logged {len(paths)} artifacts to run {mlflow.active_run().info.run_id}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    # `python -m pipeline.tracking experiment-id`: for `make ui` to print a link to the runs table.
+    if sys.argv[1:] != ["experiment-id"]:
+        sys.exit("usage: python -m pipeline.tracking experiment-id")
+    connect()
+    print(experiment_id())

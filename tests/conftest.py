@@ -1,0 +1,121 @@
+"""Shared fixtures: MNIST served over HTTP on 127.0.0.1, and throwaway copies of the project.
+
+Each test project is a real git + DVC repository made from this checkout, with params.yaml
+composed from the real conf/ and shrunk (a few hundred images, one epoch).
+"""
+
+import functools
+import http.server
+import os
+import shutil
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import pytest
+
+from pipeline.config import compose
+from omegaconf import OmegaConf
+
+REPO = Path(__file__).resolve().parent.parent
+TINY = ["data.limit=300", "train.epochs=1"]
+
+
+def mnist_source() -> Path:
+    """The folder with the four MNIST files: MNIST_MIRROR when it is a folder, else ../shared."""
+    candidates = [os.environ.get("MNIST_MIRROR", ""), REPO.parent / "shared" / "data" / "mnist"]
+    for candidate in candidates:
+        if candidate and Path(candidate).is_dir():
+            return Path(candidate)
+    pytest.fail("MNIST files not found: set MNIST_MIRROR to a folder holding the four "
+                "*-ubyte.gz files (e.g. ../shared/data/mnist)")
+
+
+class QuietHandler(http.server.SimpleHTTPRequestHandler):
+    def log_message(self, *arguments):
+        pass
+
+
+@pytest.fixture(scope="session")
+def serve_directory():
+    """serve_directory(path) -> URL of an HTTP server on 127.0.0.1 serving that folder."""
+    servers = []
+
+    def start(directory: Path) -> str:
+        handler = functools.partial(QuietHandler, directory=str(directory))
+        server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        servers.append(server)
+        return f"http://127.0.0.1:{server.server_address[1]}/"
+
+    yield start
+    for server in servers:
+        server.shutdown()
+        server.server_close()
+
+
+@pytest.fixture(scope="session")
+def mnist_url(serve_directory) -> str:
+    return serve_directory(mnist_source())
+
+
+def project_files() -> list[str]:
+    listed = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard", "-z"],
+                            cwd=REPO, capture_output=True, text=True, check=True).stdout
+    return [name for name in listed.split("\0") if name and (REPO / name).is_file()]
+
+
+def make_project(destination: Path, overrides=TINY) -> Path:
+    """Copies the project into `destination`, composes a shrunk params.yaml, commits it all."""
+    for name in project_files():
+        target = destination / name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(REPO / name, target)
+    (destination / "params.yaml").write_text(OmegaConf.to_yaml(compose(overrides)))
+    git(destination, "init", "-q", "-b", "main")
+    git(destination, "add", "-A")
+    git(destination, "commit", "-q", "-m", "test project")
+    return destination
+
+
+def git(project: Path, *arguments: str) -> str:
+    return subprocess.run(["git", "-c", "user.name=test", "-c", "user.email=test@example.com", *arguments],
+                          cwd=project, capture_output=True, text=True, check=True).stdout.strip()
+
+
+def environment(mnist_url: str, **extra: str) -> dict:
+    """The stages' environment: this interpreter's venv first, MNIST from the local server,
+    no tracking or DVC settings leaking in from the caller."""
+    env = {key: value for key, value in os.environ.items()
+           if not key.startswith(("MLFLOW_", "DVC_")) and key != "MNIST_MIRROR"}
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"
+    env["MNIST_MIRROR"] = mnist_url
+    env.update(extra)
+    return env
+
+
+def run(project: Path, command: list[str], env: dict, check: bool = True, timeout: int = 900):
+    result = subprocess.run(command, cwd=project, env=env, capture_output=True, text=True, timeout=timeout)
+    if check and result.returncode != 0:
+        raise AssertionError(f"{' '.join(command)} failed ({result.returncode}):\n"
+                             f"{result.stdout[-3000:]}\n{result.stderr[-5000:]}")
+    return result
+
+
+def written_files(folder: Path) -> list[Path]:
+    """Files a stage wrote under `folder` (the .gitignore files DVC keeps there do not count)."""
+    return [path for path in folder.rglob("*") if path.is_file() and path.name != ".gitignore"]
+
+
+def error_lines(stderr: str) -> list[str]:
+    return [line for line in stderr.splitlines() if line.startswith("error:")]
+
+
+@pytest.fixture(scope="session")
+def pipeline_run(tmp_path_factory, mnist_url):
+    """One tiny `dvc repro` of all five stages, shared by the tests that inspect its results."""
+    project = make_project(tmp_path_factory.mktemp("pipeline"))
+    env = environment(mnist_url)
+    result = run(project, ["dvc", "repro"], env)
+    return project, env, result

@@ -1,0 +1,59 @@
+"""Configuration: params.yaml is conf/'s composition, and every bad value is refused up front."""
+
+import sys
+
+import pytest
+from omegaconf import OmegaConf
+
+from pipeline.config import PipelineError, compose, validate
+from tests.conftest import REPO, error_lines, make_project, run, written_files
+
+
+def test_params_yaml_is_the_composition_of_conf():
+    committed = OmegaConf.load(REPO / "params.yaml")
+    assert OmegaConf.to_container(committed) == OmegaConf.to_container(compose()), \
+        "params.yaml is stale: run `make params` and commit it"
+
+
+def test_default_config_is_the_reference_model():
+    sections = validate(compose())
+    assert sections["model"].name == "mlp" and sections["model"].hidden_units == 512
+    train = sections["train"]
+    assert (train.learning_rate, train.batch_size, train.epochs) == (0.001, 64, 5)
+
+
+def test_experiment_presets_compose():
+    sections = validate(compose(["model=cnn"]))
+    assert sections["model"].name == "cnn"
+
+
+@pytest.mark.parametrize("override, message", [
+    ("+train.momentum=0.9", "unknown key 'train.momentum'"),
+    ("+extra.thing=1", "unknown section 'extra'"),
+    ("train.batch_size=sixty-four", "train.batch_size"),
+    ("train.learning_rate=0", "train.learning_rate must be > 0, got 0"),
+    ("train.learning_rate=-0.1", "train.learning_rate must be > 0"),
+    ("train.batch_size=0", "train.batch_size must be >= 1, got 0"),
+    ("train.epochs=0", "train.epochs must be >= 1, got 0"),
+    ("model.name=resnet", "model.name: unknown model 'resnet'; allowed: mlp, cnn"),
+    ("data.limit=0", "data.limit must be null or >= 1"),
+    ("~train.epochs", "missing key 'train.epochs'"),
+])
+def test_bad_values_are_refused_with_the_key_named(override, message):
+    with pytest.raises(PipelineError, match=message.replace("(", r"\(").replace("+", r"\+")):
+        validate(compose([override]))
+
+
+def test_stage_refuses_bad_params_in_one_line_before_any_work(tmp_path, mnist_url):
+    from tests.conftest import environment
+
+    project = make_project(tmp_path)
+    params = project / "params.yaml"
+    params.write_text(params.read_text().replace("learning_rate: 0.001", "learning_rate: -1"))
+    result = run(project, [sys.executable, "-m", "pipeline.train"], environment(mnist_url), check=False)
+    assert result.returncode == 1
+    assert error_lines(result.stderr) == [
+        "error: train: params.yaml: train.learning_rate must be > 0, got -1.0; "
+        "fix it in conf/ and run `make params` (or `dvc exp run -S key=value`)"]
+    assert "Traceback" not in result.stderr
+    assert written_files(project / "models") == [] and not (project / "mlflow.db").exists()

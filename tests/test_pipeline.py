@@ -1,0 +1,110 @@
+"""End to end: `dvc repro` of all five stages on a tiny config, checked as a user would."""
+
+import json
+
+import keras
+import mlflow
+import numpy as np
+import pandas as pd
+import pytest
+
+from tests.conftest import git, run
+
+METRIC_KEYS = {"test_accuracy", "test_loss", "precision_macro", "recall_macro", "f1_macro", "roc_auc_ovr"}
+
+
+@pytest.fixture(scope="module")
+def tracked_run(pipeline_run):
+    project, _, _ = pipeline_run
+    mlflow.set_tracking_uri(f"sqlite:///{project / 'mlflow.db'}")
+    runs = mlflow.search_runs(experiment_names=["mnist"], output_format="list")
+    assert len(runs) == 1, "one pipeline run must give exactly one MLflow run"
+    return runs[0]
+
+
+def test_all_five_stages_ran(pipeline_run):
+    _, _, result = pipeline_run
+    for stage in ("download", "preprocess", "train", "evaluate", "error-analysis"):
+        assert f"Running stage '{stage}'" in result.stdout
+
+
+def test_outputs_and_metrics(pipeline_run):
+    project, _, _ = pipeline_run
+    metrics = json.loads((project / "reports/metrics.json").read_text())
+    assert METRIC_KEYS <= metrics.keys()
+    assert 0.5 < metrics["test_accuracy"] <= 1.0, "even 300 images and one epoch beat chance by far"
+    manifest = json.loads((project / "data/prepared/manifest.json").read_text())
+    assert {split: manifest["splits"][split]["count"] for split in manifest["splits"]} == \
+        {"train": 300, "validation": 300, "test": 300}
+    images = np.load(project / "data/prepared/train_images.npy", allow_pickle=False)
+    assert images.dtype == np.float32 and images.shape == (300, 28, 28)
+    assert 0.0 == images.min() and images.max() == 1.0
+
+    per_class = pd.read_csv(project / "reports/error_analysis/per_class.csv")
+    assert list(per_class.columns) == ["digit", "support", "correct", "accuracy", "error_rate"]
+    assert per_class.support.sum() == 300
+    assert per_class.correct.sum() / 300 == pytest.approx(metrics["test_accuracy"])
+    pairs = pd.read_csv(project / "reports/error_analysis/confused_pairs.csv")
+    assert list(pairs["count"]) == sorted(pairs["count"], reverse=True)
+    for picture in ("reports/error_analysis/confusion_matrix.png", "reports/error_analysis/misclassified.png",
+                    "reports/training_curves.png"):
+        assert (project / picture).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_dvc_sees_metrics_and_plots(pipeline_run):
+    project, env, _ = pipeline_run
+    shown = json.loads(run(project, ["dvc", "metrics", "show", "--json"], env).stdout)
+    assert shown[""]["data"]["reports/metrics.json"]["data"]["test_accuracy"] > 0.5
+    run(project, ["dvc", "plots", "show", "--json"], env)
+
+
+def test_mlflow_run_is_complete(pipeline_run, tracked_run):
+    project, _, _ = pipeline_run
+    run_id = tracked_run.info.run_id
+    assert json.loads((project / "models/run.json").read_text())["run_id"] == run_id
+    assert tracked_run.info.status == "FINISHED"
+    params = tracked_run.data.params
+    assert params["model.name"] == "mlp" and params["model.hidden_units"] == "512"
+    assert params["train.learning_rate"] == "0.001" and params["train.batch_size"] == "64"
+    assert params["train.epochs"] == "1" and params["data.limit"] == "300"
+    metrics = tracked_run.data.metrics
+    assert metrics["test_accuracy"] == json.loads((project / "reports/metrics.json").read_text())["test_accuracy"]
+    assert any(key.startswith("system/cpu_utilization") for key in metrics)
+
+    client = mlflow.MlflowClient()
+    for metric in ("loss", "accuracy", "val_loss", "val_accuracy", "epoch_seconds", "samples_per_second"):
+        assert [point.step for point in client.get_metric_history(run_id, metric)] == [0]
+
+    tags = tracked_run.data.tags
+    assert tags["git.commit"] == git(project, "rev-parse", "HEAD")
+    assert tags["git.dirty"] == "false"
+    manifest = json.loads((project / "data/prepared/manifest.json").read_text())
+    assert tags["data.hash"] == manifest["data_hash"]
+    assert len(tags["config.hash"]) == 16
+
+    artifacts = {item.path for folder in ("training", "evaluation", "error_analysis")
+                 for item in client.list_artifacts(run_id, folder)}
+    assert {"evaluation/metrics.json", "error_analysis/per_class.csv", "error_analysis/misclassified.png",
+            "error_analysis/confusion_matrix.png", "training/training_curves.png"} <= artifacts
+
+
+def test_logged_model_loads_and_predicts(pipeline_run, tracked_run):
+    project, _, _ = pipeline_run
+    models = mlflow.search_logged_models(experiment_ids=[tracked_run.info.experiment_id], output_format="list")
+    assert [model.source_run_id for model in models] == [tracked_run.info.run_id]
+    loaded = mlflow.pyfunc.load_model(models[0].model_uri)
+    assert loaded.metadata.signature.inputs.to_dict()[0]["tensor-spec"]["shape"] == (-1, 28, 28)
+    images = np.load(project / "data/prepared/test_images.npy")[:20]
+    labels = np.load(project / "data/prepared/test_labels.npy")[:20]
+    probabilities = np.asarray(loaded.predict(images))
+    assert probabilities.shape == (20, 10)
+    local = keras.models.load_model(project / "models/model.keras", safe_mode=True)
+    np.testing.assert_allclose(probabilities, local.predict(images, verbose=0), rtol=1e-5)
+    assert (probabilities.argmax(axis=1) == labels).mean() > 0.5
+
+
+def test_second_repro_does_no_work(pipeline_run, tracked_run):
+    project, env, _ = pipeline_run
+    again = run(project, ["dvc", "repro"], env)
+    assert "Running stage" not in again.stdout
+    assert len(mlflow.search_runs(experiment_names=["mnist"], output_format="list")) == 1
