@@ -8,7 +8,7 @@ INSTALLED := $(VENV)/.installed
 HOST ?= 127.0.0.1
 PORT ?= 5000
 
-.PHONY: run test params ui lock clean
+.PHONY: run test params ui sweep compare lock clean
 
 ## run: compose conf/ into params.yaml, then run the five stages (`dvc repro`)
 run: params
@@ -26,7 +26,15 @@ params: $(INSTALLED)
 ui: $(INSTALLED)
 	@echo "Training runs: http://$(HOST):$(PORT)/#/experiments/$$(python -m pipeline.tracking experiment-id)/runs"
 	mlflow ui --backend-store-uri "$${MLFLOW_TRACKING_URI:-sqlite:///$(CURDIR)/mlflow.db}" \
-		--default-artifact-root "$(CURDIR)/mlartifacts" --host $(HOST) --port $(PORT)
+		--default-artifact-root "$(CURDIR)/mlartifacts" --host $(HOST) --port $(PORT) $(UI_ARGS)
+
+## sweep: the four reference settings as queued DVC experiments (SEEDS=3, JOBS=2, FORCE=1)
+sweep: $(INSTALLED)
+	python -m pipeline.sweep $(SETTINGS)
+
+## compare: regenerate reports/comparison.* and the README table from the tracked MLflow runs
+compare: $(INSTALLED)
+	python -m pipeline.compare
 
 ## lock: re-resolve pyproject.toml's ranges into requirements.lock (needs the network)
 lock:

@@ -187,16 +187,23 @@ def flatten(sections: dict[str, Any]) -> dict[str, Any]:
     return flat
 
 
-def config_hash(sections: dict[str, Any]) -> str:
-    return hashlib.sha256(json.dumps(flatten(sections), sort_keys=True).encode()).hexdigest()[:16]
+def config_hash(params: dict[str, Any], ignore: tuple[str, ...] = ()) -> str:
+    """A short, stable hash of flattened params: equal hashes mean the same configuration."""
+    kept = {key: value for key, value in params.items() if key not in ignore}
+    return hashlib.sha256(json.dumps(kept, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def compose(overrides: list[str] = ()) -> DictConfig:
+def training_params(sections: dict[str, Any]) -> dict[str, Any]:
+    """What decides a trained model: the data, model and train sections, flattened."""
+    return flatten({name: sections[name] for name in ("data", "model", "train")})
+
+
+def compose(overrides: list[str] = (), conf_dir: Path = CONF_DIR) -> DictConfig:
     """Composes conf/ exactly as `dvc exp run` does (dvc.utils.hydra.compose_and_dump)."""
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
 
-    with initialize_config_dir(str(CONF_DIR), version_base=None):
+    with initialize_config_dir(str(Path(conf_dir).resolve()), version_base=None):
         composed = hydra_compose(config_name="config", overrides=list(overrides))
     OmegaConf.resolve(composed)
     return composed

@@ -119,7 +119,7 @@ def sha256_file(path: Path) -> str:
 def write_csv(destination: Path, table, index: bool = False) -> None:
     """Writes a pandas DataFrame as CSV, atomically."""
     with atomic_path(destination) as temporary:
-        table.to_csv(temporary, index=index, float_format="%.6g")
+        table.to_csv(temporary, index=index)
 
 
 def save_figure(figure, destination: Path) -> None:

@@ -21,6 +21,7 @@ from pipeline.data_io import RUN_FILE, read_json, write_json
 
 DEFAULT_EXPERIMENT = "mnist"
 SERVER_TIMEOUT_SECONDS = 5
+RESULT_INPUTS = ("pipeline", "conf", "dvc.yaml", "requirements.lock")
 
 
 def project_root() -> Path:
@@ -70,9 +71,10 @@ def lineage_tags() -> dict[str, str]:
     """Git commit and dirty flag, DVC experiment name and baseline."""
     baseline = os.environ.get("DVC_EXP_BASELINE_REV", "")
     commit = baseline or git("rev-parse", "HEAD")
-    # params.yaml and dvc.lock are excluded: DVC writes them during a run (experiments apply their
-    # overrides to params.yaml), and the run records every param itself.
-    changes = git("status", "--porcelain", "--", ".", ":(exclude)params.yaml", ":(exclude)dvc.lock")
+    # Dirty means the code, conf/ or environment differs from the commit. params.yaml, dvc.lock and
+    # the outputs are left out: DVC writes them during runs (experiments apply their overrides to
+    # params.yaml), and the run records every param itself.
+    changes = git("status", "--porcelain", "--", *RESULT_INPUTS)
     tags = {
         "mlflow.source.git.commit": commit or "unknown",
         "git.commit": commit or "unknown",

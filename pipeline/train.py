@@ -4,6 +4,7 @@ Deterministic on CPU: the same config, seed, data, code and environment give bit
 (`set_random_seed` alone is not enough; op determinism is needed too).
 """
 
+import os
 import sys
 import time
 
@@ -18,13 +19,14 @@ from mlflow.models import ModelSignature
 from mlflow.types import Schema, TensorSpec
 
 from pipeline import tracking
-from pipeline.config import CnnConfig, MlpConfig, TrainConfig, config_hash, flatten, run_stage
+from pipeline.config import CnnConfig, DataConfig, MlpConfig, TrainConfig, config_hash, run_stage, training_params
 from pipeline.data_io import (MODEL_FILE, PREPARED_DIR, REPORTS_DIR, atomic_path, load_split, read_json,
                               save_figure, write_csv)
 from pipeline.models import IMAGE_SHAPE, NUM_CLASSES, build_model
 
 matplotlib.use("Agg")  # no display needed: figures go to files
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 HISTORY_FILE = REPORTS_DIR / "training_history.csv"
 CURVES_FILE = REPORTS_DIR / "training_curves.png"
@@ -67,18 +69,25 @@ def train(model_config: MlpConfig | CnnConfig, train_config: TrainConfig) -> Non
         jit_compile=train_config.jit_compile,
     )
 
-    sections = {"model": model_config, "train": train_config}
-    params = {**flatten(sections), **{f"data.{key}": value for key, value in manifest["config"].items()}}
+    # The data section comes from the manifest: it is what preprocess actually used.
+    data_config = DataConfig(**manifest["config"])
+    params = training_params({"data": data_config, "model": model_config, "train": train_config})
     device = tf.config.list_physical_devices("GPU")
     tags = {
         "data.hash": manifest["data_hash"],
-        "config.hash": config_hash(sections),
+        "config.hash": config_hash(params),
+        # Runs of one setting with different seeds share this: `make compare` groups by it.
+        "config.hash_without_seed": config_hash(params, ignore=("train.seed",)),
         "model.name": model_config.name,
         "tensorflow.version": tf.__version__,
         "tensorflow.device": "GPU" if device else "CPU",
     }
-    run_name = f"{model_config.name}-lr{train_config.learning_rate:g}-bs{train_config.batch_size}" \
-               f"-ep{train_config.epochs}-seed{train_config.seed}"
+    if os.environ.get("PIPELINE_SWEEP"):
+        tags["sweep"] = os.environ["PIPELINE_SWEEP"]
+    # A DVC experiment's name (`make sweep` names them `lr_x10-seed0`) is the readable choice.
+    run_name = os.environ.get("DVC_EXP_NAME") or (
+        f"{model_config.name}-lr{train_config.learning_rate:g}-bs{train_config.batch_size}"
+        f"-ep{train_config.epochs}-seed{train_config.seed}")
     with tracking.training_run(run_name, params, tags):
         started = time.perf_counter()
         history = model.fit(
@@ -111,6 +120,7 @@ def write_history(history: dict[str, list[float]]) -> None:
         axes.plot(table.epoch, table[metric], marker="o", label="training")
         axes.plot(table.epoch, table[f"val_{metric}"], marker="o", label="validation")
         axes.set(xlabel="epoch", ylabel=metric, title=metric.capitalize())
+        axes.xaxis.set_major_locator(MaxNLocator(integer=True))
         axes.grid(alpha=0.3)
         axes.legend()
     save_figure(figure, CURVES_FILE)

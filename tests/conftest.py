@@ -14,6 +14,7 @@ import threading
 from pathlib import Path
 
 import pytest
+import yaml
 
 from pipeline.config import compose
 from omegaconf import OmegaConf
@@ -66,13 +67,24 @@ def project_files() -> list[str]:
     return [name for name in listed.split("\0") if name and (REPO / name).is_file()]
 
 
-def make_project(destination: Path, overrides=TINY) -> Path:
-    """Copies the project into `destination`, composes a shrunk params.yaml, commits it all."""
+def make_project(destination: Path, overrides=TINY, shrink_conf: bool = False) -> Path:
+    """Copies the project into `destination`, composes a shrunk params.yaml, commits it all.
+
+    shrink_conf also writes the shrink into conf/config.yaml, for what composes conf/ itself
+    (`dvc exp run`, the sweep and the comparison).
+    """
     for name in project_files():
         target = destination / name
         target.parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(REPO / name, target)
-    (destination / "params.yaml").write_text(OmegaConf.to_yaml(compose(overrides)))
+    if shrink_conf:
+        conf = OmegaConf.load(destination / "conf/config.yaml")
+        for override in overrides:
+            key, value = override.split("=", 1)
+            OmegaConf.update(conf, key, yaml.safe_load(value))
+        (destination / "conf/config.yaml").write_text(OmegaConf.to_yaml(conf))
+    composed = compose(overrides, conf_dir=destination / "conf")
+    (destination / "params.yaml").write_text(OmegaConf.to_yaml(composed))
     git(destination, "init", "-q", "-b", "main")
     git(destination, "add", "-A")
     git(destination, "commit", "-q", "-m", "test project")

@@ -1,0 +1,170 @@
+"""`make compare`: the hyperparameter comparison, regenerated from tracked MLflow runs alone.
+
+A run belongs to a setting when its config (seed aside) equals that preset's composition of conf/:
+the `config.hash_without_seed` tag. Per setting and seed the latest finished run counts. Writes
+reports/comparison.{md,csv,png} and refreshes the table in README.md. Nothing here is typed by
+hand except the source article's claimed figures, shown beside the measured ones.
+"""
+
+import re
+import sys
+import tempfile
+from pathlib import Path
+
+import matplotlib
+import mlflow
+import numpy as np
+import pandas as pd
+
+from pipeline import tracking
+from pipeline.config import compose, config_hash, training_params, validate
+from pipeline.data_io import REPORTS_DIR, atomic_write_text, save_figure, write_csv
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+SETTINGS = ["default", "lr_x10", "batch_x10", "epochs_x10", "cnn"]  # conf/experiment/<name>.yaml
+# The source article's figures for its MLP, claimed as measured MNIST test accuracy.
+CLAIMED_ACCURACY = {"default": 0.9923, "lr_x10": 0.9912, "batch_x10": 0.9911, "epochs_x10": 0.9935}
+MARKDOWN_FILE = REPORTS_DIR / "comparison.md"
+CSV_FILE = REPORTS_DIR / "comparison.csv"
+PER_CLASS_FILE = REPORTS_DIR / "comparison_per_class.csv"
+CHART_FILE = REPORTS_DIR / "comparison.png"
+README = Path("README.md")
+README_BEGIN, README_END = "<!-- comparison:begin -->", "<!-- comparison:end -->"
+
+
+def setting_runs() -> dict[str, list[mlflow.entities.Run]]:
+    """{setting: its latest finished, evaluated run per seed}."""
+    hashes = {config_hash(training_params(validate(compose([f"+experiment={name}"]))), ignore=("train.seed",)): name
+              for name in SETTINGS}
+    runs = mlflow.search_runs(experiment_ids=[tracking.experiment_id()], output_format="list",
+                              filter_string="attributes.status = 'FINISHED' and metrics.test_accuracy >= 0",
+                              order_by=["attributes.start_time DESC"])
+    chosen: dict[str, dict[str, mlflow.entities.Run]] = {name: {} for name in SETTINGS}
+    for run in runs:
+        setting = hashes.get(run.data.tags.get("config.hash_without_seed"))
+        if setting:
+            chosen[setting].setdefault(run.data.params["train.seed"], run)  # newest first
+    return {name: sorted(by_seed.values(), key=lambda run: int(run.data.params["train.seed"]))
+            for name, by_seed in chosen.items()}
+
+
+def summary_table(runs_by_setting: dict) -> pd.DataFrame:
+    rows = []
+    for setting, runs in runs_by_setting.items():
+        if not runs and setting not in CLAIMED_ACCURACY:
+            continue  # an optional preset nobody ran
+        accuracies = np.array([run.data.metrics["test_accuracy"] for run in runs])
+        params = runs[0].data.params if runs else {}
+        rows.append({
+            "setting": setting,
+            "model": params.get("model.name", ""),
+            "epochs": params.get("train.epochs", ""),
+            "batch_size": params.get("train.batch_size", ""),
+            "learning_rate": params.get("train.learning_rate", ""),
+            "n": len(runs),
+            "test_accuracy_mean": accuracies.mean() if len(runs) else np.nan,
+            "test_accuracy_std": accuracies.std(ddof=1) if len(runs) > 1 else np.nan,
+            "claimed_test_accuracy": CLAIMED_ACCURACY.get(setting, np.nan),
+            "fit_seconds_mean": np.mean([run.data.metrics.get("fit_seconds", np.nan) for run in runs])
+            if runs else np.nan,
+            "run_ids": " ".join(run.info.run_id for run in runs),
+        })
+    return pd.DataFrame(rows)
+
+
+def per_class_table(runs_by_setting: dict) -> pd.DataFrame:
+    """Per-digit test accuracy of each setting (mean over seeds), from the error-analysis artifacts."""
+    columns = {}
+    with tempfile.TemporaryDirectory() as scratch:
+        for setting, runs in runs_by_setting.items():
+            tables = [pd.read_csv(mlflow.artifacts.download_artifacts(
+                run_id=run.info.run_id, artifact_path="error_analysis/per_class.csv", dst_path=f"{scratch}/{run.info.run_id}"))
+                for run in runs]
+            if tables:
+                columns[setting] = pd.concat(tables).groupby("digit").accuracy.mean()
+    return pd.DataFrame(columns).rename_axis("digit")
+
+
+def percent(value: float) -> str:
+    return "—" if pd.isna(value) else f"{value:.2%}"
+
+
+def markdown(summary: pd.DataFrame, per_class: pd.DataFrame) -> str:
+    lines = [
+        "| setting | model | epochs | batch | learning rate | measured test accuracy | n | claimed | fit time | runs |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for row in summary.itertuples():
+        measured = "not run" if row.n == 0 else percent(row.test_accuracy_mean) + (
+            f" ± {row.test_accuracy_std:.2%}" if row.n > 1 else "")
+        fit = "—" if pd.isna(row.fit_seconds_mean) else f"{row.fit_seconds_mean:.0f} s"
+        runs = ", ".join(f"`{run_id[:8]}`" for run_id in row.run_ids.split())
+        lines.append(f"| {row.setting} | {row.model} | {row.epochs} | {row.batch_size} | {row.learning_rate} | "
+                     f"{measured} | {row.n} | {percent(row.claimed_test_accuracy)} | {fit} | {runs} |")
+    lines += ["", "Measured: mean ± sample standard deviation over seeds (n runs) on the official "
+              "MNIST test set (10,000 images unless data.limit shrinks it). Claimed: the source article's figure, not reproduced here.", ""]
+    if not per_class.empty:
+        lines += ["Per-digit test accuracy (mean over seeds):", "",
+                  "| digit | " + " | ".join(per_class.columns) + " |",
+                  "| --- |" + " --- |" * len(per_class.columns)]
+        lines += [f"| {digit} | " + " | ".join(percent(value) for value in row) + " |"
+                  for digit, row in per_class.iterrows()]
+    return "\n".join(lines) + "\n"
+
+
+def plot(runs_by_setting: dict, summary: pd.DataFrame) -> None:
+    client = mlflow.MlflowClient()
+    figure, (curves, bars) = plt.subplots(1, 2, figsize=(12, 4.5))
+    for setting, runs in runs_by_setting.items():
+        histories = [[point.value for point in sorted(client.get_metric_history(run.info.run_id, "val_accuracy"),
+                                                       key=lambda point: point.step)] for run in runs]
+        if histories:
+            length = min(map(len, histories))
+            curve = np.mean([history[:length] for history in histories], axis=0)
+            curves.plot(np.arange(1, length + 1), curve, marker="o" if length <= 10 else None, label=setting)
+    curves.set(xlabel="epoch", ylabel="validation accuracy", title="Validation accuracy (mean over seeds)")
+    curves.grid(alpha=0.3)
+    curves.legend()
+    measured = summary[summary.n > 0]
+    positions = np.arange(len(measured))
+    bars.bar(positions, measured.test_accuracy_mean * 100, yerr=measured.test_accuracy_std.fillna(0) * 100,
+             capsize=4, label="measured")
+    bars.scatter(positions, measured.claimed_test_accuracy * 100, color="crimson", marker="_", s=400,
+                 zorder=3, label="claimed (article)")
+    bars.set_xticks(positions, measured.setting)
+    low = np.nanmin(np.concatenate([measured.test_accuracy_mean, measured.claimed_test_accuracy])) * 100
+    bars.set(ylim=(max(0, low - 1), 100), ylabel="test accuracy (%)", title="Test accuracy per setting")
+    bars.grid(axis="y", alpha=0.3)
+    bars.legend(loc="lower right")
+    save_figure(figure, CHART_FILE)
+
+
+def update_readme(table: str) -> None:
+    if not README.exists():
+        return
+    text = README.read_text(encoding="utf-8")
+    pattern = re.compile(re.escape(README_BEGIN) + ".*?" + re.escape(README_END), re.DOTALL)
+    if pattern.search(text):
+        atomic_write_text(README, pattern.sub(lambda _: f"{README_BEGIN}\n{table}{README_END}", text))
+
+
+def compare() -> None:
+    tracking.connect()
+    runs_by_setting = setting_runs()
+    summary = summary_table(runs_by_setting)
+    per_class = per_class_table(runs_by_setting)
+    table = markdown(summary, per_class)
+    write_csv(CSV_FILE, summary)
+    write_csv(PER_CLASS_FILE, per_class, index=True)
+    atomic_write_text(MARKDOWN_FILE, table)
+    if (summary.n > 0).any():
+        plot(runs_by_setting, summary)
+    update_readme(table)
+    print(table)
+    print(f"compare: wrote {MARKDOWN_FILE}, {CSV_FILE}, {PER_CLASS_FILE}, {CHART_FILE}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    compare()

@@ -1,0 +1,99 @@
+"""`make sweep`: the reference hyperparameter settings as queued DVC experiments.
+
+Each setting x seed becomes one `dvc exp run --queue -n <setting>-seed<seed> -S +experiment=<setting>`;
+the queue then runs, each experiment logging its own MLflow run (named after the experiment and
+tagged with the sweep). A setting already tracked for the same config, code and data is skipped
+unless --force: the comparison reads runs, it does not need them twice.
+"""
+
+import argparse
+import os
+import subprocess
+import sys
+import time
+
+import mlflow
+
+from pipeline import tracking
+from pipeline.compare import SETTINGS
+from pipeline.config import PipelineError, compose, config_hash, training_params, validate
+
+
+def sweep(settings: list[str], seeds: int, jobs: int, force: bool) -> None:
+    tracking.connect()
+    commit = tracking.git("rev-parse", "HEAD")
+    code_is_clean = not tracking.git("status", "--porcelain", "--", *tracking.RESULT_INPUTS)
+    sweep_id = time.strftime("sweep-%Y%m%d-%H%M%S")
+    queued = {}
+    for setting in settings:
+        for seed in range(seeds):
+            name = f"{setting}-seed{seed}"
+            overrides = [f"+experiment={setting}", f"train.seed={seed}"]
+            hash_ = config_hash(training_params(validate(compose(overrides))))
+            existing = tracked_run(hash_, commit) if code_is_clean and not force else None
+            if existing:
+                print(f"sweep: {name} already tracked as run {existing} (same config and commit); "
+                      "skipping (FORCE=1 to retrain)", file=sys.stderr)
+                continue
+            # A finished experiment of the same name would make DVC refuse the new one.
+            subprocess.run(["dvc", "exp", "remove", name], capture_output=True)
+            command = ["dvc", "exp", "run", "--queue", "--name", name]
+            command += [argument for override in overrides for argument in ("--set-param", override)]
+            subprocess.run(command + (["--force"] if force else []), check=True)
+            queued[name] = hash_
+    if not queued:
+        print("sweep: nothing to run; `make compare` tabulates the tracked runs", file=sys.stderr)
+        return
+    print(f"sweep: running {len(queued)} experiments ({sweep_id}), {jobs} at a time", file=sys.stderr)
+    # Queue workers inherit this environment: the train stage tags each run with the sweep.
+    os.environ["PIPELINE_SWEEP"] = sweep_id
+    subprocess.run(["dvc", "exp", "run", "--run-all", "--jobs", str(jobs)], check=True)
+
+    # DVC restores a stage it has run before with the same inputs from its run cache, without
+    # executing it: such an experiment logs nothing new, and its earlier run stands for it.
+    missing = []
+    for name, hash_ in queued.items():
+        new = tracked_run(hash_, commit=None, sweep=sweep_id)
+        earlier = new or tracked_run(hash_, commit=None)
+        if not earlier:
+            missing.append(name)
+        elif not new:
+            print(f"sweep: {name} was restored from DVC's run cache; its run is {earlier}", file=sys.stderr)
+    if missing:
+        raise PipelineError(f"no finished MLflow run for {', '.join(missing)} in {tracking.tracking_uri()}; "
+                            "see `dvc queue logs <name>`, or retrain with FORCE=1")
+    print(f"sweep: {len(queued)} experiments tracked; `make compare` tabulates them", file=sys.stderr)
+
+
+def tracked_run(hash_: str, commit: str | None, sweep: str | None = None) -> str | None:
+    """The newest finished, evaluated run with this config hash (from this clean commit, or sweep)."""
+    conditions = [f"tags.`config.hash` = '{hash_}'", "attributes.status = 'FINISHED'", "metrics.test_accuracy >= 0"]
+    if commit:
+        conditions += [f"tags.`git.commit` = '{commit}'", "tags.`git.dirty` = 'false'"]
+    if sweep:
+        conditions.append(f"tags.sweep = '{sweep}'")
+    runs = mlflow.search_runs(experiment_ids=[tracking.experiment_id()], output_format="list", max_results=1,
+                              filter_string=" and ".join(conditions), order_by=["attributes.start_time DESC"])
+    return runs[0].info.run_id if runs else None
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("settings", nargs="*", default=[name for name in SETTINGS if name != "cnn"],
+                        help=f"from conf/experiment/ (default: the four reference settings; all: {', '.join(SETTINGS)})")
+    parser.add_argument("--seeds", type=int, default=int(os.environ.get("SEEDS", 1)), help="seeds 0..N-1 (env SEEDS)")
+    parser.add_argument("--jobs", type=int, default=int(os.environ.get("JOBS", 1)), help="parallel queue workers (env JOBS)")
+    parser.add_argument("--force", action="store_true", default=bool(os.environ.get("FORCE")),
+                        help="retrain even when a tracked run exists (env FORCE=1)")
+    arguments = parser.parse_args()
+    try:
+        if arguments.seeds < 1 or arguments.jobs < 1:
+            raise PipelineError("--seeds and --jobs must be >= 1")
+        sweep(arguments.settings, arguments.seeds, arguments.jobs, arguments.force)
+    except (PipelineError, subprocess.CalledProcessError) as error:
+        print(f"error: sweep: {error}", file=sys.stderr)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,147 @@
+"""The comparison: a tiny sweep through the real DVC queue, the table regenerated from MLflow, the UI."""
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.parse
+import urllib.request
+from pathlib import Path
+
+import mlflow
+import pandas as pd
+import pytest
+
+from pipeline.compare import README_BEGIN, README_END
+from tests.conftest import REPO, environment, make_project, run
+
+SWEPT = ["default", "lr_x10"]
+CHROMIUM = shutil.which("chromium")
+
+
+@pytest.fixture(scope="module")
+def tiny_sweep(tmp_path_factory, mnist_url):
+    """Two settings swept through `dvc exp run --queue` in a project whose conf/ is shrunk."""
+    project = make_project(tmp_path_factory.mktemp("sweep"), shrink_conf=True)
+    env = environment(mnist_url)
+    sweep = run(project, [sys.executable, "-m", "pipeline.sweep", *SWEPT], env)
+    compare = run(project, [sys.executable, "-m", "pipeline.compare"], env)
+    mlflow.set_tracking_uri(f"sqlite:///{project / 'mlflow.db'}")
+    runs = mlflow.search_runs(experiment_names=["mnist"], output_format="list")
+    return project, env, sweep, compare, {run.info.run_name: run for run in runs}
+
+
+def test_sweep_logs_one_named_run_per_setting_grouped_by_sweep(tiny_sweep):
+    _, _, _, _, runs = tiny_sweep
+    assert sorted(runs) == ["default-seed0", "lr_x10-seed0"]
+    assert {run.data.params["train.learning_rate"] for run in runs.values()} == {"0.001", "0.01"}
+    assert len({run.data.tags["sweep"] for run in runs.values()}) == 1
+    assert {run.data.tags["dvc.exp_name"] for run in runs.values()} == set(runs)
+    # Queued experiments run in temporary copies; the store and artifacts must outlive them.
+    for run in runs.values():
+        assert run.info.status == "FINISHED"
+        assert run.info.artifact_uri.startswith(f"file://{tiny_sweep[0]}/mlartifacts/")
+
+
+def test_table_is_regenerated_from_the_tracked_runs(tiny_sweep):
+    project, _, _, _, runs = tiny_sweep
+    table = pd.read_csv(project / "reports/comparison.csv").set_index("setting")
+    measured = table[table.n > 0]
+    assert sorted(measured.index) == sorted(SWEPT)
+    for setting in SWEPT:
+        run = runs[f"{setting}-seed0"]
+        assert measured.loc[setting, "test_accuracy_mean"] == pytest.approx(run.data.metrics["test_accuracy"], abs=1e-12)
+        assert measured.loc[setting, "run_ids"] == run.info.run_id
+    assert table.loc["epochs_x10", "n"] == 0 and table.loc["epochs_x10", "claimed_test_accuracy"] == 0.9935
+    per_class = pd.read_csv(project / "reports/comparison_per_class.csv")
+    assert list(per_class.digit) == list(range(10)) and set(SWEPT) <= set(per_class.columns)
+    assert (project / "reports/comparison.png").read_bytes()[:4] == b"\x89PNG"
+    markdown = (project / "reports/comparison.md").read_text()
+    assert markdown in readme_table(project / "README.md")
+
+
+def test_second_sweep_trains_nothing(tiny_sweep):
+    project, env, _, _, runs = tiny_sweep
+    again = run(project, [sys.executable, "-m", "pipeline.sweep", *SWEPT], env)
+    assert again.stderr.count("already tracked") == 2
+    assert len(mlflow.search_runs(experiment_names=["mnist"], output_format="list")) == len(runs)
+
+
+def readme_table(readme: Path) -> str:
+    text = readme.read_text()
+    return text[text.index(README_BEGIN) + len(README_BEGIN):text.index(README_END)].strip("\n") + "\n"
+
+
+def test_readme_table_is_the_regenerated_file():
+    assert readme_table(REPO / "README.md") == (REPO / "reports/comparison.md").read_text(), \
+        "README.md's table differs from reports/comparison.md: run `make compare` and commit both"
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@pytest.fixture
+def mlflow_ui(tiny_sweep):
+    """`make ui` on a free loopback port, over the sweep's store; stopped with its workers."""
+    project, env, _, _, _ = tiny_sweep
+    venv = Path(sys.executable).parent.parent
+    if not (project / ".venv").exists():
+        (project / ".venv").symlink_to(venv)
+    port = free_port()
+    server = subprocess.Popen(["make", "ui", f"PORT={port}", "UI_ARGS=--workers 1"], cwd=project, env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                urllib.request.urlopen(f"{url}/health", timeout=2).close()
+                break
+            except OSError:
+                if server.poll() is not None or time.monotonic() > deadline:
+                    raise AssertionError(f"make ui did not come up:\n{server.stdout.read()}")
+                time.sleep(0.5)
+        yield url
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        try:
+            server.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(server.pid, signal.SIGKILL)
+
+
+def render(url: str, screenshot: Path) -> str:
+    """The page's DOM after its scripts ran, and a screenshot, from headless Chromium."""
+    flags = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+             "--disable-background-networking", "--disable-component-update", "--disable-sync",
+             f"--user-data-dir={screenshot.parent / 'chromium-profile'}", "--window-size=1600,1400",
+             "--virtual-time-budget=20000"]
+    subprocess.run([CHROMIUM, *flags, f"--screenshot={screenshot}", url], capture_output=True, timeout=120)
+    return subprocess.run([CHROMIUM, *flags, "--dump-dom", url], capture_output=True, text=True,
+                          timeout=120).stdout
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="Debian's chromium is not installed (.ci/run installs it)")
+def test_ui_shows_the_sweep(tiny_sweep, mlflow_ui, tmp_path):
+    _, _, _, _, runs = tiny_sweep
+    experiment = next(iter(runs.values())).info.experiment_id
+    screenshots = Path(os.environ.get("SCREENSHOT_DIR", tmp_path))
+    screenshots.mkdir(parents=True, exist_ok=True)
+
+    runs_page = render(f"{mlflow_ui}/#/experiments/{experiment}/runs", screenshots / "ui-runs.png")
+    assert "default-seed0" in runs_page and "lr_x10-seed0" in runs_page
+
+    ids = urllib.parse.quote(json.dumps([run.info.run_id for run in runs.values()]))
+    compare_page = render(f"{mlflow_ui}/#/compare-runs?runs={ids}&experiments={urllib.parse.quote(json.dumps([experiment]))}",
+                          screenshots / "ui-compare.png")
+    for visible in ("default-seed0", "lr_x10-seed0", "train.learning_rate", "f1_macro"):
+        assert visible in compare_page, f"{visible!r} not shown in the compare view"
+    assert (screenshots / "ui-compare.png").stat().st_size > 10_000
+    print(f"screenshots: {screenshots / 'ui-runs.png'} {screenshots / 'ui-compare.png'}")
