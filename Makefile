@@ -8,7 +8,7 @@ INSTALLED := $(VENV)/.installed
 HOST ?= 127.0.0.1
 PORT ?= 5000
 
-.PHONY: run test params ui sweep compare lock clean
+.PHONY: run test params ui sweep compare reproduce push pull bench lock clean
 
 ## run: compose conf/ into params.yaml, then run the five stages (`dvc repro`)
 run: params
@@ -35,6 +35,20 @@ sweep: $(INSTALLED)
 ## compare: regenerate reports/comparison.* and the README table from the tracked MLflow runs
 compare: $(INSTALLED)
 	python -m pipeline.compare
+
+## reproduce: recompute a result and compare (REV=<tag or commit> or RUN=<mlflow run id>; TOLERANCE=)
+reproduce: $(INSTALLED)
+	python -m pipeline.reproduce
+
+## push / pull: data and models to / from the DVC remote (default: ./dvc-storage)
+push: $(INSTALLED)
+	dvc push
+pull: $(INSTALLED)
+	dvc pull
+
+## bench: the pipeline's cost vs the bare Keras script, side by side (BENCH_ARGS="--cnn"); writes bench/results.md
+bench: $(INSTALLED)
+	python bench/bench.py $(BENCH_ARGS)
 
 ## lock: re-resolve pyproject.toml's ranges into requirements.lock (needs the network)
 lock:

@@ -210,18 +210,28 @@ def compose(overrides: list[str] = (), conf_dir: Path = CONF_DIR) -> DictConfig:
 
 
 def run_stage(stage: Callable[..., None], *section_names: str) -> None:
-    """Entry point of every stage: validate params.yaml, run, and report failures in one line."""
+    """Entry point of every stage: validate params.yaml, run, and report failures in one line.
+
+    PIPELINE_DEBUG=1 adds the traceback.
+    """
     try:
         sections = load()
         stage(*(sections[name] for name in section_names))
-    except (PipelineError, ValueError, FileNotFoundError, PermissionError, OSError) as error:
-        if "PIPELINE_DEBUG" in os.environ:
-            traceback.print_exc()
-        print(f"error: {stage.__name__}: {error}", file=sys.stderr)
-        sys.exit(1)
+    except (PipelineError, ValueError) as error:
+        fail(stage.__name__, str(error))
+    except OSError as error:  # the filesystem refused: name the path
+        path = error.filename or ""
+        fail(stage.__name__, f"cannot write {path} ({error.strerror or error}); "
+                             "check that its folder exists, is a folder and is writable")
     except KeyboardInterrupt:
-        print(f"error: {stage.__name__}: interrupted", file=sys.stderr)
-        sys.exit(130)
+        fail(stage.__name__, "interrupted", exit_code=130)
+
+
+def fail(stage_name: str, message: str, exit_code: int = 1) -> None:
+    if os.environ.get("PIPELINE_DEBUG"):
+        traceback.print_exc()
+    print(f"error: {stage_name}: {message}", file=sys.stderr)
+    sys.exit(exit_code)
 
 
 def write_params(overrides: list[str]) -> None:

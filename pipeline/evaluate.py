@@ -35,7 +35,7 @@ def evaluate(config: EvaluateConfig) -> None:
     write_json(METRICS_FILE, metrics)
     write_json(REPORT_FILE, report)
     with tracking.model_run():
-        mlflow.log_metrics(metrics)
+        mlflow.log_metrics({key: value for key, value in metrics.items() if value is not None})
         tracking.log_artifacts([METRICS_FILE, REPORT_FILE], "evaluation")
     print(f"evaluate: test accuracy {metrics['test_accuracy']:.4f}, loss {metrics['test_loss']:.4f}", file=sys.stderr)
 

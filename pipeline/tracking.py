@@ -87,6 +87,21 @@ def lineage_tags() -> dict[str, str]:
     return tags
 
 
+def environment() -> tuple[dict[str, str], str]:
+    """(tags naming the CPU and Python, the exact installed packages as requirements text)."""
+    import platform
+    from importlib.metadata import distributions
+
+    cpu = platform.processor() or platform.machine()
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.exists():
+        cpu = next((line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines()
+                    if line.startswith("model name")), cpu)
+    packages = sorted(f"{dist.metadata['Name']}=={dist.version}" for dist in distributions())
+    tags = {"env.cpu": cpu, "env.cpu_count": str(os.cpu_count()), "env.python": platform.python_version()}
+    return tags, "\n".join(packages) + "\n"
+
+
 @contextmanager
 def training_run(run_name: str, params: dict, tags: dict) -> Iterator[mlflow.ActiveRun]:
     """Starts the model's run (with system metrics) and records its id in models/run.json.
@@ -98,9 +113,11 @@ def training_run(run_name: str, params: dict, tags: dict) -> Iterator[mlflow.Act
     # Short runs need frequent samples to show anything; the sampler thread costs ~nothing.
     mlflow.set_system_metrics_sampling_interval(1)
     mlflow.set_system_metrics_samples_before_logging(1)
-    with mlflow.start_run(experiment_id=experiment, run_name=run_name, tags={**lineage_tags(), **tags},
-                          log_system_metrics=True) as run:
+    environment_tags, packages = environment()
+    with mlflow.start_run(experiment_id=experiment, run_name=run_name,
+                          tags={**lineage_tags(), **environment_tags, **tags}, log_system_metrics=True) as run:
         mlflow.log_params(params)
+        mlflow.log_text(packages, "environment/requirements.txt")
         yield run
         write_json(RUN_FILE, {"run_id": run.info.run_id, "experiment_id": experiment})
 

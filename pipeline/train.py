@@ -72,7 +72,7 @@ def train(model_config: MlpConfig | CnnConfig, train_config: TrainConfig) -> Non
     # The data section comes from the manifest: it is what preprocess actually used.
     data_config = DataConfig(**manifest["config"])
     params = training_params({"data": data_config, "model": model_config, "train": train_config})
-    device = tf.config.list_physical_devices("GPU")
+    gpus = tf.config.list_physical_devices("GPU")
     tags = {
         "data.hash": manifest["data_hash"],
         "config.hash": config_hash(params),
@@ -80,8 +80,11 @@ def train(model_config: MlpConfig | CnnConfig, train_config: TrainConfig) -> Non
         "config.hash_without_seed": config_hash(params, ignore=("train.seed",)),
         "model.name": model_config.name,
         "tensorflow.version": tf.__version__,
-        "tensorflow.device": "GPU" if device else "CPU",
+        "tensorflow.build": "CUDA" if tf.test.is_built_with_cuda() else "CPU",
+        "tensorflow.device": "GPU" if gpus else "CPU",
     }
+    if gpus:
+        tags["env.gpu"] = tf.config.experimental.get_device_details(gpus[0]).get("device_name", "unknown")
     if os.environ.get("PIPELINE_SWEEP"):
         tags["sweep"] = os.environ["PIPELINE_SWEEP"]
     # A DVC experiment's name (`make sweep` names them `lr_x10-seed0`) is the readable choice.
