@@ -8,6 +8,7 @@ so every field is required (MISSING) and nothing is defaulted in two places.
 import hashlib
 import json
 import os
+import signal
 import sys
 import traceback
 from dataclasses import dataclass, fields
@@ -214,6 +215,8 @@ def run_stage(stage: Callable[..., None], *section_names: str) -> None:
 
     PIPELINE_DEBUG=1 adds the traceback.
     """
+    # SIGTERM (a `kill`, a CI timeout) unwinds like Ctrl-C: open MLflow runs get closed.
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
     try:
         sections = load()
         stage(*(sections[name] for name in section_names))
@@ -224,7 +227,7 @@ def run_stage(stage: Callable[..., None], *section_names: str) -> None:
         fail(stage.__name__, f"cannot write {path} ({error.strerror or error}); "
                              "check that its folder exists, is a folder and is writable")
     except KeyboardInterrupt:
-        fail(stage.__name__, "interrupted", exit_code=130)
+        fail(stage.__name__, "interrupted; run `dvc repro` again to finish (training resumes from its last completed epoch)", exit_code=130)
 
 
 def fail(stage_name: str, message: str, exit_code: int = 1) -> None:

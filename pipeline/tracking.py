@@ -103,9 +103,11 @@ def environment() -> tuple[dict[str, str], str]:
 
 
 @contextmanager
-def training_run(run_name: str, params: dict, tags: dict) -> Iterator[mlflow.ActiveRun]:
+def training_run(run_name: str, params: dict, tags: dict,
+                 continue_run_id: str | None = None) -> Iterator[mlflow.ActiveRun]:
     """Starts the model's run (with system metrics) and records its id in models/run.json.
 
+    continue_run_id reopens an interrupted training's run, so a resumed training stays one run.
     On an exception the run is closed as FAILED, never left RUNNING.
     """
     connect()
@@ -114,7 +116,13 @@ def training_run(run_name: str, params: dict, tags: dict) -> Iterator[mlflow.Act
     mlflow.set_system_metrics_sampling_interval(1)
     mlflow.set_system_metrics_samples_before_logging(1)
     environment_tags, packages = environment()
-    with mlflow.start_run(experiment_id=experiment, run_name=run_name,
+    if continue_run_id:
+        try:
+            mlflow.get_run(continue_run_id)
+        except MlflowException:
+            continue_run_id = None  # the store lost it: start afresh
+    with mlflow.start_run(run_id=continue_run_id, experiment_id=None if continue_run_id else experiment,
+                          run_name=None if continue_run_id else run_name,
                           tags={**lineage_tags(), **environment_tags, **tags}, log_system_metrics=True) as run:
         mlflow.log_params(params)
         mlflow.log_text(packages, "environment/requirements.txt")

@@ -4,9 +4,12 @@ Deterministic on CPU: the same config, seed, data, code and environment give bit
 (`set_random_seed` alone is not enough; op determinism is needed too).
 """
 
+import hashlib
 import os
+import shutil
 import sys
 import time
+from pathlib import Path
 
 import keras
 import matplotlib
@@ -18,10 +21,10 @@ import tensorflow as tf
 from mlflow.models import ModelSignature
 from mlflow.types import Schema, TensorSpec
 
-from pipeline import tracking
+from pipeline import models, tracking
 from pipeline.config import CnnConfig, DataConfig, MlpConfig, TrainConfig, config_hash, run_stage, training_params
 from pipeline.data_io import (MODEL_FILE, PREPARED_DIR, REPORTS_DIR, atomic_path, load_split, read_json,
-                              save_figure, write_csv)
+                              save_figure, write_csv, write_json)
 from pipeline.models import IMAGE_SHAPE, NUM_CLASSES, build_model
 
 matplotlib.use("Agg")  # no display needed: figures go to files
@@ -31,19 +34,62 @@ from matplotlib.ticker import MaxNLocator  # noqa: E402
 HISTORY_FILE = REPORTS_DIR / "training_history.csv"
 CURVES_FILE = REPORTS_DIR / "training_curves.png"
 VALIDATION_BATCH_SIZE = 1024  # evaluation only: changes no update, just the speed
+CHECKPOINT_ROOT = Path(".train-checkpoints")
+CHECKPOINT_NAME = "last-epoch.keras"
 SIGNATURE = ModelSignature(
     inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, *IMAGE_SHAPE))]),
     outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, NUM_CLASSES))]),
 )
 
 
-def batches(images: np.ndarray, labels: np.ndarray, batch_size: int, shuffle_seed: int | None = None):
-    """In-memory tensors through tf.data: on small models Keras's numpy adapter costs more per
-    step than the step's arithmetic. A full, seeded reshuffle every epoch, as fit(shuffle=True)."""
-    data = tf.data.Dataset.from_tensor_slices((np.asarray(images), np.asarray(labels)))
-    if shuffle_seed is not None:
-        data = data.shuffle(len(labels), seed=shuffle_seed, reshuffle_each_iteration=True)
-    return data.batch(batch_size).prefetch(tf.data.AUTOTUNE)
+def training_batches(images: np.ndarray, labels: np.ndarray, batch_size: int, seed: int,
+                     first_epoch: int, epochs: int) -> tf.data.Dataset:
+    """Batches for epochs first_epoch..epochs-1, from in-memory tensors.
+
+    Epoch e visits the images in an order fixed by (seed, e) alone, so a run resumed at epoch e
+    sees exactly the batches an uninterrupted one would. tf.data rather than numpy arrays: on small
+    models Keras's numpy adapter costs more per step than the step's arithmetic.
+    """
+    images, labels = tf.constant(np.asarray(images)), tf.constant(np.asarray(labels))
+    count = int(labels.shape[0])
+
+    def epoch_batches(epoch):
+        order = tf.random.experimental.stateless_shuffle(tf.range(count), seed=tf.stack([tf.constant(seed, tf.int64), epoch]))
+        return tf.data.Dataset.from_tensor_slices(order).batch(batch_size)
+
+    return (tf.data.Dataset.range(first_epoch, epochs).flat_map(epoch_batches)
+            .map(lambda indices: (tf.gather(images, indices), tf.gather(labels, indices)),
+                 num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+            .prefetch(tf.data.AUTOTUNE))
+
+
+class EpochCheckpoint(keras.callbacks.Callback):
+    """Saves weights and optimizer state after every epoch, atomically, for an exact resume.
+
+    (keras.callbacks.BackupAndRestore keeps the weights but not the optimizer's moments, so a
+    resumed run would drift from an uninterrupted one.)
+    """
+
+    def __init__(self, directory: Path):
+        super().__init__()
+        self.directory = directory
+
+    def on_epoch_end(self, epoch, logs=None):
+        with atomic_path(self.directory / CHECKPOINT_NAME) as temporary:
+            self.model.save(temporary)
+
+
+def resume(model: keras.Model, directory: Path) -> int:
+    """Restores weights and optimizer state saved in `directory`; returns the optimizer steps done."""
+    checkpoint = directory / CHECKPOINT_NAME
+    if not checkpoint.exists():
+        return 0
+    saved = keras.models.load_model(checkpoint, safe_mode=True)
+    model.set_weights(saved.get_weights())
+    model.optimizer.build(model.trainable_variables)
+    for variable, value in zip(model.optimizer.variables, saved.optimizer.variables):
+        variable.assign(value)
+    return int(saved.optimizer.iterations.numpy())  # optimizer steps: epochs x steps per epoch
 
 
 class EpochLogger(keras.callbacks.Callback):
@@ -101,13 +147,28 @@ def train(model_config: MlpConfig | CnnConfig, train_config: TrainConfig) -> Non
     run_name = os.environ.get("DVC_EXP_NAME") or (
         f"{model_config.name}-lr{train_config.learning_rate:g}-bs{train_config.batch_size}"
         f"-ep{train_config.epochs}-seed{train_config.seed}")
-    with tracking.training_run(run_name, params, tags):
+    # A killed run leaves its last completed epoch here; the same config, data and code resume it.
+    checkpoint_dir = CHECKPOINT_ROOT / config_hash({**params, "data.hash": manifest["data_hash"],
+                                                    "code": code_fingerprint()})
+    steps_per_epoch = -(-len(train_labels) // train_config.batch_size)
+    first_epoch = resume(model, checkpoint_dir) // steps_per_epoch
+    interrupted_run = read_json(checkpoint_dir / "run.json")["run_id"] if first_epoch else None
+    if first_epoch:
+        print(f"train: resuming after epoch {first_epoch} from {checkpoint_dir}", file=sys.stderr)
+
+    with tracking.training_run(run_name, params, tags, continue_run_id=interrupted_run) as run:
+        write_json(checkpoint_dir / "run.json", {"run_id": run.info.run_id})
         started = time.perf_counter()
-        history = model.fit(
-            batches(train_images, train_labels, train_config.batch_size, shuffle_seed=train_config.seed),
+        model.fit(
+            training_batches(train_images, train_labels, train_config.batch_size, train_config.seed,
+                             first_epoch, train_config.epochs),
+            steps_per_epoch=steps_per_epoch,
+            initial_epoch=first_epoch,
             epochs=train_config.epochs,
-            validation_data=batches(validation_images, validation_labels, VALIDATION_BATCH_SIZE),
-            callbacks=[EpochLogger(len(train_labels))],
+            validation_data=tf.data.Dataset.from_tensor_slices(
+                (np.asarray(validation_images), np.asarray(validation_labels))).batch(VALIDATION_BATCH_SIZE),
+            # Log first: after a death between the two, the epoch is redone and re-logged, not lost.
+            callbacks=[EpochLogger(len(train_labels)), EpochCheckpoint(checkpoint_dir)],
             verbose=2,
         )
         mlflow.log_metric("fit_seconds", time.perf_counter() - started)
@@ -117,13 +178,23 @@ def train(model_config: MlpConfig | CnnConfig, train_config: TrainConfig) -> Non
         # Explicit requirements: inferring them costs seconds and adds nothing here.
         mlflow.keras.log_model(model, name="model", signature=SIGNATURE,
                                pip_requirements=[f"tensorflow=={tf.__version__}", f"keras=={keras.__version__}"])
-        write_history(history.history)
+        # The run's metric history spans every attempt of a resumed training.
+        write_history(run.info.run_id)
         tracking.log_artifacts([HISTORY_FILE, CURVES_FILE], "training")
+    shutil.rmtree(checkpoint_dir, ignore_errors=True)
 
 
-def write_history(history: dict[str, list[float]]) -> None:
-    table = pd.DataFrame(history)
-    table.insert(0, "epoch", np.arange(1, len(table) + 1))
+def code_fingerprint() -> str:
+    return hashlib.sha256(b"".join(Path(module.__file__).read_bytes() for module in (sys.modules[__name__], models))).hexdigest()
+
+
+def write_history(run_id: str) -> None:
+    client = mlflow.MlflowClient()
+    table = pd.DataFrame({
+        # A re-done epoch is logged twice with the same values: keep one point per step.
+        metric: {point.step + 1: point.value for point in client.get_metric_history(run_id, metric)}
+        for metric in ("loss", "accuracy", "val_loss", "val_accuracy")
+    }).sort_index().rename_axis("epoch").reset_index()
     write_csv(HISTORY_FILE, table)
 
     figure, (loss_axes, accuracy_axes) = plt.subplots(1, 2, figsize=(10, 4))

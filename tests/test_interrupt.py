@@ -1,0 +1,70 @@
+"""A training killed mid-epoch resumes from its last completed epoch and ends exactly where an
+uninterrupted one does, in one complete MLflow run."""
+
+import json
+import signal
+import subprocess
+import time
+
+import keras
+import mlflow
+import numpy as np
+import psutil
+import pytest
+
+from tests.conftest import environment, make_project, run
+
+# Long enough epochs (a few seconds) to be killed in the middle of one.
+SLOW = ["data.limit=3000", "train.epochs=3", "train.batch_size=16", "train.steps_per_execution=1",
+        "train.jit_compile=false"]
+
+
+def weights(project) -> list[np.ndarray]:
+    return keras.models.load_model(project / "models/model.keras", safe_mode=True).get_weights()
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory, mnist_url):
+    project = make_project(tmp_path_factory.mktemp("uninterrupted"), SLOW)
+    run(project, ["dvc", "repro"], environment(mnist_url))
+    return weights(project), json.loads((project / "reports/metrics.json").read_text())
+
+
+def kill_training_after_first_epoch(project, env, signal_number) -> None:
+    pipeline = subprocess.Popen(["dvc", "repro"], cwd=project, env=env, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.monotonic() + 300
+    while not list(project.glob(".train-checkpoints/*/last-epoch.keras")):
+        assert pipeline.poll() is None and time.monotonic() < deadline, "training ended before its first epoch did"
+        time.sleep(0.05)
+    [training] = [child for child in psutil.Process(pipeline.pid).children(recursive=True)
+                  if "pipeline.train" in " ".join(child.cmdline())]
+    training.send_signal(signal_number)
+    assert pipeline.wait(timeout=120) != 0
+
+
+@pytest.mark.parametrize("signal_number", [signal.SIGTERM, signal.SIGKILL], ids=["SIGTERM", "SIGKILL"])
+def test_killed_training_resumes_to_identical_weights(tmp_path, mnist_url, uninterrupted, signal_number):
+    project = make_project(tmp_path, SLOW)
+    env = environment(mnist_url)
+    kill_training_after_first_epoch(project, env, signal_number)
+    assert not (project / "models/model.keras").exists()
+
+    mlflow.set_tracking_uri(f"sqlite:///{project / 'mlflow.db'}")
+    [interrupted] = mlflow.search_runs(experiment_names=["mnist"], output_format="list")
+    expected_status = "FAILED" if signal_number == signal.SIGTERM else "RUNNING"
+    assert interrupted.info.status == expected_status
+
+    resumed = run(project, ["dvc", "repro"], env)
+    assert "train: resuming after epoch" in resumed.stderr
+
+    reference_weights, reference_metrics = uninterrupted
+    for ours, reference in zip(weights(project), reference_weights, strict=True):
+        np.testing.assert_array_equal(ours, reference)
+    assert json.loads((project / "reports/metrics.json").read_text()) == reference_metrics
+
+    [final] = mlflow.search_runs(experiment_names=["mnist"], output_format="list")
+    assert final.info.run_id == interrupted.info.run_id and final.info.status == "FINISHED"
+    history = mlflow.MlflowClient().get_metric_history(final.info.run_id, "val_accuracy")
+    assert sorted({point.step for point in history}) == [0, 1, 2]
+    assert not list(project.glob(".train-checkpoints/*"))
