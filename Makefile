@@ -8,7 +8,7 @@ INSTALLED := $(VENV)/.installed
 HOST ?= 127.0.0.1
 PORT ?= 5000
 
-.PHONY: run test params ui sweep compare reproduce push pull bench lock clean
+.PHONY: run test params ui server sweep compare reproduce push pull bench lock clean
 
 ## run: compose conf/ into params.yaml, then run the five stages (`dvc repro`)
 run: params
@@ -27,6 +27,15 @@ ui: $(INSTALLED)
 	@echo "Training runs: http://$(HOST):$(PORT)/#/experiments/$$(python -m pipeline.tracking experiment-id)/runs"
 	mlflow ui --backend-store-uri "$${MLFLOW_TRACKING_URI:-sqlite:///$(CURDIR)/mlflow.db}" \
 		--default-artifact-root "$(CURDIR)/mlartifacts" --host $(HOST) --port $(PORT) $(UI_ARGS)
+
+## server: a team MLflow server: PostgreSQL store, S3 artifacts proxied by the server
+##   BACKEND_STORE_URI=postgresql://user@host:port/db ARTIFACTS_DESTINATION=s3://bucket/path
+##   (S3 credentials from AWS_* and MLFLOW_S3_ENDPOINT_URL for an S3-compatible service)
+server: $(INSTALLED)
+	@if [ -z "$(BACKEND_STORE_URI)" ] || [ -z "$(ARTIFACTS_DESTINATION)" ]; then \
+		echo "error: server: set BACKEND_STORE_URI=postgresql://... and ARTIFACTS_DESTINATION=s3://bucket/path" >&2; exit 2; fi
+	mlflow server --backend-store-uri "$(BACKEND_STORE_URI)" --artifacts-destination "$(ARTIFACTS_DESTINATION)" \
+		--serve-artifacts --host $(HOST) --port $(PORT) $(UI_ARGS)
 
 ## sweep: the four reference settings as queued DVC experiments (SEEDS=3, JOBS=2, FORCE=1)
 sweep: $(INSTALLED)

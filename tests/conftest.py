@@ -8,6 +8,8 @@ import functools
 import http.server
 import os
 import shutil
+import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -21,6 +23,7 @@ from omegaconf import OmegaConf
 
 REPO = Path(__file__).resolve().parent.parent
 TINY = ["data.limit=300", "train.epochs=1"]
+SECRET = "s3cr3t-token-that-must-never-be-logged"
 
 
 def mnist_source() -> Path:
@@ -120,6 +123,23 @@ def written_files(folder: Path) -> list[Path]:
     return [path for path in folder.rglob("*") if path.is_file() and path.name != ".gitignore"]
 
 
+def stop(process: subprocess.Popen) -> None:
+    """Stops a server started with start_new_session=True, with everything it spawned."""
+    try:
+        os.killpg(process.pid, signal.SIGTERM)
+        process.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass  # already gone
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
 def error_lines(stderr: str) -> list[str]:
     return [line for line in stderr.splitlines() if line.startswith("error:")]
 
@@ -128,6 +148,6 @@ def error_lines(stderr: str) -> list[str]:
 def pipeline_run(tmp_path_factory, mnist_url):
     """One tiny `dvc repro` of all five stages, shared by the tests that inspect its results."""
     project = make_project(tmp_path_factory.mktemp("pipeline"))
-    env = environment(mnist_url)
+    env = environment(mnist_url, PIPELINE_TEST_SECRET=SECRET)
     result = run(project, ["dvc", "repro"], env)
     return project, env, result

@@ -3,8 +3,6 @@
 import json
 import os
 import shutil
-import signal
-import socket
 import subprocess
 import sys
 import time
@@ -14,10 +12,11 @@ from pathlib import Path
 
 import mlflow
 import pandas as pd
+import psutil
 import pytest
 
 from pipeline.compare import README_BEGIN, README_END
-from tests.conftest import REPO, environment, make_project, run
+from tests.conftest import REPO, environment, free_port, make_project, run, stop
 
 SWEPT = ["default", "lr_x10"]
 CHROMIUM = shutil.which("chromium")
@@ -25,10 +24,11 @@ CHROMIUM = shutil.which("chromium")
 
 @pytest.fixture(scope="module")
 def tiny_sweep(tmp_path_factory, mnist_url):
-    """Two settings swept through `dvc exp run --queue` in a project whose conf/ is shrunk."""
+    """Two settings swept through `dvc exp run --queue` in a project whose conf/ is shrunk, by two
+    queue workers at once writing to the same SQLite store."""
     project = make_project(tmp_path_factory.mktemp("sweep"), shrink_conf=True)
     env = environment(mnist_url)
-    sweep = run(project, [sys.executable, "-m", "pipeline.sweep", *SWEPT], env)
+    sweep = run(project, [sys.executable, "-m", "pipeline.sweep", "--jobs", "2", *SWEPT], env)
     compare = run(project, [sys.executable, "-m", "pipeline.compare"], env)
     mlflow.set_tracking_uri(f"sqlite:///{project / 'mlflow.db'}")
     runs = mlflow.search_runs(experiment_names=["mnist"], output_format="list")
@@ -36,15 +36,20 @@ def tiny_sweep(tmp_path_factory, mnist_url):
 
 
 def test_sweep_logs_one_named_run_per_setting_grouped_by_sweep(tiny_sweep):
-    _, _, _, _, runs = tiny_sweep
+    project, _, sweep, _, runs = tiny_sweep
+    assert "database is locked" not in sweep.stdout + sweep.stderr
+    client = mlflow.MlflowClient()
+    for tracked in runs.values():  # complete despite two concurrent writers
+        assert {"val_accuracy", "test_accuracy", "f1_macro"} <= tracked.data.metrics.keys()
+        assert len(client.list_artifacts(tracked.info.run_id, "error_analysis")) == 5
     assert sorted(runs) == ["default-seed0", "lr_x10-seed0"]
     assert {run.data.params["train.learning_rate"] for run in runs.values()} == {"0.001", "0.01"}
     assert len({run.data.tags["sweep"] for run in runs.values()}) == 1
     assert {run.data.tags["dvc.exp_name"] for run in runs.values()} == set(runs)
     # Queued experiments run in temporary copies; the store and artifacts must outlive them.
-    for run in runs.values():
-        assert run.info.status == "FINISHED"
-        assert run.info.artifact_uri.startswith(f"file://{tiny_sweep[0]}/mlartifacts/")
+    for tracked in runs.values():
+        assert tracked.info.status == "FINISHED"
+        assert tracked.info.artifact_uri.startswith(f"file://{project}/mlartifacts/")
 
 
 def test_table_is_regenerated_from_the_tracked_runs(tiny_sweep):
@@ -81,12 +86,6 @@ def test_readme_table_is_the_regenerated_file():
         "README.md's table differs from reports/comparison.md: run `make compare` and commit both"
 
 
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 @pytest.fixture
 def mlflow_ui(tiny_sweep):
     """`make ui` on a free loopback port, over the sweep's store; stopped with its workers."""
@@ -108,13 +107,9 @@ def mlflow_ui(tiny_sweep):
                 if server.poll() is not None or time.monotonic() > deadline:
                     raise AssertionError(f"make ui did not come up:\n{server.stdout.read()}")
                 time.sleep(0.5)
-        yield url
+        yield url, port
     finally:
-        os.killpg(server.pid, signal.SIGTERM)
-        try:
-            server.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            os.killpg(server.pid, signal.SIGKILL)
+        stop(server)
 
 
 def render(url: str, screenshot: Path) -> str:
@@ -131,6 +126,10 @@ def render(url: str, screenshot: Path) -> str:
 @pytest.mark.skipif(CHROMIUM is None, reason="Debian's chromium is not installed (.ci/run installs it)")
 def test_ui_shows_the_sweep(tiny_sweep, mlflow_ui, tmp_path):
     _, _, _, _, runs = tiny_sweep
+    mlflow_ui, port = mlflow_ui
+    listening = {connection.laddr.ip for connection in psutil.net_connections(kind="tcp")
+                 if connection.status == psutil.CONN_LISTEN and connection.laddr.port == port}
+    assert listening == {"127.0.0.1"}, f"make ui must listen on loopback only, not {listening}"
     experiment = next(iter(runs.values())).info.experiment_id
     screenshots = Path(os.environ.get("SCREENSHOT_DIR", tmp_path))
     screenshots.mkdir(parents=True, exist_ok=True)

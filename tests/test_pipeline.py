@@ -1,6 +1,7 @@
 """End to end: `dvc repro` of all five stages on a tiny config, checked as a user would."""
 
 import json
+from pathlib import Path
 
 import keras
 import mlflow
@@ -8,7 +9,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from tests.conftest import git, run
+from tests.conftest import SECRET, git, run
 
 METRIC_KEYS = {"test_accuracy", "test_loss", "precision_macro", "recall_macro", "f1_macro", "roc_auc_ovr"}
 
@@ -86,6 +87,13 @@ def test_mlflow_run_is_complete(pipeline_run, tracked_run):
                  for item in client.list_artifacts(run_id, folder)}
     assert {"evaluation/metrics.json", "error_analysis/per_class.csv", "error_analysis/misclassified.png",
             "error_analysis/confusion_matrix.png", "training/training_curves.png"} <= artifacts
+
+
+def test_no_environment_value_is_logged(tracked_run):
+    client = mlflow.MlflowClient()
+    logged = [*tracked_run.data.params.values(), *tracked_run.data.tags.values(),
+              Path(client.download_artifacts(tracked_run.info.run_id, "environment/requirements.txt")).read_text()]
+    assert not any(SECRET in value for value in logged)
 
 
 def test_logged_model_loads_and_predicts(pipeline_run, tracked_run):
