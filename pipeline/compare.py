@@ -6,6 +6,7 @@ reports/comparison.{md,csv,png} and refreshes the table in README.md. Nothing he
 hand except the source article's claimed figures, shown beside the measured ones.
 """
 
+import os
 import re
 import sys
 import tempfile
@@ -151,6 +152,7 @@ def update_readme(table: str) -> None:
 
 
 def compare() -> None:
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # one bar per run is noise here
     tracking.connect()
     runs_by_setting = setting_runs()
     summary = summary_table(runs_by_setting)

@@ -128,25 +128,7 @@ def train(model_config: MlpConfig | CnnConfig, train_config: TrainConfig) -> Non
     # The data section comes from the manifest: it is what preprocess actually used.
     data_config = DataConfig(**manifest["config"])
     params = training_params({"data": data_config, "model": model_config, "train": train_config})
-    gpus = tf.config.list_physical_devices("GPU")
-    tags = {
-        "data.hash": manifest["data_hash"],
-        "config.hash": config_hash(params),
-        # Runs of one setting with different seeds share this: `make compare` groups by it.
-        "config.hash_without_seed": config_hash(params, ignore=("train.seed",)),
-        "model.name": model_config.name,
-        "tensorflow.version": tf.__version__,
-        "tensorflow.build": "CUDA" if tf.test.is_built_with_cuda() else "CPU",
-        "tensorflow.device": "GPU" if gpus else "CPU",
-    }
-    if gpus:
-        tags["env.gpu"] = tf.config.experimental.get_device_details(gpus[0]).get("device_name", "unknown")
-    if os.environ.get("PIPELINE_SWEEP"):
-        tags["sweep"] = os.environ["PIPELINE_SWEEP"]
-    # A DVC experiment's name (`make sweep` names them `lr_x10-seed0`) is the readable choice.
-    run_name = os.environ.get("DVC_EXP_NAME") or (
-        f"{model_config.name}-lr{train_config.learning_rate:g}-bs{train_config.batch_size}"
-        f"-ep{train_config.epochs}-seed{train_config.seed}")
+    run_name, tags = describe_run(model_config, train_config, params, manifest["data_hash"])
     # A killed run leaves its last completed epoch here; the same config, data and code resume it.
     checkpoint_dir = CHECKPOINT_ROOT / config_hash({**params, "data.hash": manifest["data_hash"],
                                                     "code": code_fingerprint()})
@@ -182,6 +164,31 @@ def train(model_config: MlpConfig | CnnConfig, train_config: TrainConfig) -> Non
         write_history(run.info.run_id)
         tracking.log_artifacts([HISTORY_FILE, CURVES_FILE], "training")
     shutil.rmtree(checkpoint_dir, ignore_errors=True)
+
+
+def describe_run(model_config: MlpConfig | CnnConfig, train_config: TrainConfig, params: dict,
+                 data_hash: str) -> tuple[str, dict[str, str]]:
+    """The run's name and its tags: what it was trained on, with what, and where."""
+    gpus = tf.config.list_physical_devices("GPU")
+    tags = {
+        "data.hash": data_hash,
+        "config.hash": config_hash(params),
+        # Runs of one setting with different seeds share this: `make compare` groups by it.
+        "config.hash_without_seed": config_hash(params, ignore=("train.seed",)),
+        "model.name": model_config.name,
+        "tensorflow.version": tf.__version__,
+        "tensorflow.build": "CUDA" if tf.test.is_built_with_cuda() else "CPU",
+        "tensorflow.device": "GPU" if gpus else "CPU",
+    }
+    if gpus:
+        tags["env.gpu"] = tf.config.experimental.get_device_details(gpus[0]).get("device_name", "unknown")
+    if os.environ.get("PIPELINE_SWEEP"):
+        tags["sweep"] = os.environ["PIPELINE_SWEEP"]
+    # A DVC experiment's name (`make sweep` names them `lr_x10-seed0`) is the readable choice.
+    run_name = os.environ.get("DVC_EXP_NAME") or (
+        f"{model_config.name}-lr{train_config.learning_rate:g}-bs{train_config.batch_size}"
+        f"-ep{train_config.epochs}-seed{train_config.seed}")
+    return run_name, tags
 
 
 def code_fingerprint() -> str:
