@@ -26,6 +26,7 @@ TINY = ["data.limit=300", "train.epochs=1"]
 SECRET = "s3cr3t-token-that-must-never-be-logged"
 
 
+@functools.cache
 def mnist_source() -> Path:
     """The folder with the four MNIST files: MNIST_MIRROR when it is a folder, else ../shared."""
     candidates = [os.environ.get("MNIST_MIRROR", ""), REPO.parent / "shared" / "data" / "mnist"]

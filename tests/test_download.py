@@ -13,6 +13,13 @@ from tests.conftest import TINY, environment, error_lines, make_project, mnist_s
 LABELS = "t10k-labels-idx1-ubyte"  # the smallest file: fast to tamper with
 
 
+@pytest.fixture(autouse=True)
+def only_the_mirrors_given(monkeypatch):
+    """MNIST_MIRROR (set by .ci/run) would be tried first: these tests choose their mirrors."""
+    mnist_source()  # found (and cached) while MNIST_MIRROR still says where
+    monkeypatch.delenv("MNIST_MIRROR", raising=False)
+
+
 @pytest.fixture
 def bad_mirror(tmp_path):
     """A folder whose t10k labels are the real ones with one byte changed."""
