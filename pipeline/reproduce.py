@@ -25,23 +25,17 @@ from mlflow.exceptions import MlflowException
 from omegaconf import OmegaConf
 
 from pipeline import tracking
+from pipeline.tracking import git
 from pipeline.config import PARAMS_FILE, PipelineError
 from pipeline.data_io import REPORTS_DIR
 
 METRICS_FILE = REPORTS_DIR / "metrics.json"
 
 
-def git(*arguments: str, cwd: Path | None = None) -> str:
-    result = subprocess.run(["git", *arguments], cwd=cwd, capture_output=True, text=True)
-    if result.returncode != 0:
-        raise PipelineError(f"git {' '.join(arguments)}: {result.stderr.strip().splitlines()[-1]}")
-    return result.stdout
-
-
 def expected_from_revision(revision: str) -> tuple[str, dict, None]:
-    commit = git("rev-parse", "--verify", f"{revision}^{{commit}}").strip()
+    commit = git("rev-parse", "--verify", f"{revision}^{{commit}}", check=True)
     try:
-        metrics = json.loads(git("show", f"{commit}:{METRICS_FILE}"))
+        metrics = json.loads(git("show", f"{commit}:{METRICS_FILE}", check=True))
     except PipelineError:
         raise PipelineError(f"{revision} has no committed {METRICS_FILE}: nothing to compare with") from None
     return commit, metrics, None
@@ -94,14 +88,14 @@ def reproduce(revision: str | None, run_id: str | None, tolerance: float) -> Non
     if bool(revision) == bool(run_id):
         raise PipelineError("give exactly one of REV=<tag or commit> or RUN=<mlflow run id>")
     commit, expected, params = expected_from_run(run_id) if run_id else expected_from_revision(revision)
-    root = Path(git("rev-parse", "--show-toplevel").strip())
+    root = Path(git("rev-parse", "--show-toplevel", check=True))
     from dvc.repo import Repo
 
     config = Repo(str(root)).config
     remote = config["core"].get("remote")
     with tempfile.TemporaryDirectory(prefix="reproduce-") as scratch:
         worktree = Path(scratch) / "worktree"
-        git("worktree", "add", "--detach", str(worktree), commit)
+        git("worktree", "add", "--detach", str(worktree), commit, check=True)
         try:
             print(f"reproduce: {revision or run_id} = commit {commit[:12]} in {worktree}", file=sys.stderr)
             dvc(worktree, "cache", "dir", "--local", str(root / ".dvc" / "cache"))

@@ -62,8 +62,12 @@ def experiment_id() -> str:
         return mlflow.get_experiment_by_name(name).experiment_id
 
 
-def git(*arguments: str) -> str:
+def git(*arguments: str, check: bool = False) -> str:
+    """git's output; "" when it fails (outside a repository, say), or PipelineError with check."""
     result = subprocess.run(["git", *arguments], capture_output=True, text=True)
+    if result.returncode != 0 and check:
+        reason = (result.stderr.strip().splitlines() or ["failed"])[-1]
+        raise PipelineError(f"git {' '.join(arguments)}: {reason}")
     return result.stdout.strip() if result.returncode == 0 else ""
 
 
