@@ -4,7 +4,6 @@ Every output is written to a temporary name beside its destination and renamed i
 so a failed or killed stage never leaves a half-written file that looks complete.
 """
 
-import hashlib
 import json
 import os
 import struct
@@ -106,14 +105,6 @@ def load_array(path: Path) -> np.ndarray:
 def load_split(split: str) -> tuple[np.ndarray, np.ndarray]:
     """(images float32 [0, 1] of shape (n, 28, 28), labels uint8) of a prepared split."""
     return load_array(PREPARED_DIR / f"{split}_images.npy"), load_array(PREPARED_DIR / f"{split}_labels.npy")
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as file:
-        for block in iter(lambda: file.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def write_csv(destination: Path, table, index: bool = False) -> None:
