@@ -37,8 +37,11 @@ def kill_training_after_first_epoch(project, env, signal_number) -> None:
     while not list(project.glob(".train-checkpoints/*/last-epoch.keras")):
         assert pipeline.poll() is None and time.monotonic() < deadline, "training ended before its first epoch did"
         time.sleep(0.05)
-    [training] = [child for child in psutil.Process(pipeline.pid).children(recursive=True)
-                  if "pipeline.train" in " ".join(child.cmdline())]
+    # DVC runs the stage through $SHELL, which may or may not exec python: signal the innermost process.
+    matching = [child for child in psutil.Process(pipeline.pid).children(recursive=True)
+                if "pipeline.train" in " ".join(child.cmdline())]
+    [training] = [process for process in matching
+                  if not any(child in matching for child in process.children(recursive=True))]
     training.send_signal(signal_number)
     assert pipeline.wait(timeout=120) != 0
 
