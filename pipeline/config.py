@@ -77,6 +77,7 @@ class CnnConfig:
 
 
 MODELS = {"mlp": MlpConfig, "cnn": CnnConfig}
+DISTRIBUTIONS = ("single", "mirrored")
 
 
 @dataclass
@@ -87,6 +88,9 @@ class TrainConfig:
     seed: int = MISSING
     steps_per_execution: int = MISSING
     jit_compile: bool = MISSING
+    mixed_precision: bool = MISSING
+    distribution: str = MISSING
+    replicas: Optional[int] = MISSING
 
     def __post_init__(self) -> None:
         _check(self.learning_rate > 0, "train.learning_rate", "> 0", self.learning_rate)
@@ -94,6 +98,13 @@ class TrainConfig:
         _check(self.epochs >= 1, "train.epochs", ">= 1", self.epochs)
         _check(self.steps_per_execution >= 1, "train.steps_per_execution", ">= 1",
                self.steps_per_execution)
+        _check(self.distribution in DISTRIBUTIONS, "train.distribution", f"one of {', '.join(DISTRIBUTIONS)}",
+               self.distribution)
+        _check(self.replicas is None or (self.replicas >= 1 and self.distribution == "mirrored"),
+               "train.replicas", "null, or >= 1 with train.distribution=mirrored", self.replicas)
+        # Keras 3 fails to run several steps per call under MirroredStrategy (keras-team/keras#19246).
+        _check(self.steps_per_execution == 1 or self.distribution != "mirrored", "train.steps_per_execution",
+               "1 with train.distribution=mirrored (keras-team/keras#19246)", self.steps_per_execution)
 
 
 @dataclass

@@ -22,7 +22,8 @@ from mlflow.models import ModelSignature
 from mlflow.types import Schema, TensorSpec
 
 from pipeline import models, tracking
-from pipeline.config import CnnConfig, DataConfig, MlpConfig, TrainConfig, config_hash, run_stage, training_params
+from pipeline.config import (CnnConfig, DataConfig, MlpConfig, PipelineError, TrainConfig, config_hash, run_stage,
+                             training_params)
 from pipeline.data_io import (MODEL_FILE, PREPARED_DIR, REPORTS_DIR, atomic_path, load_split, read_json,
                               save_figure, write_csv, write_json)
 from pipeline.models import IMAGE_SHAPE, NUM_CLASSES, build_model
@@ -108,32 +109,58 @@ class EpochLogger(keras.callbacks.Callback):
                             "samples_per_second": self.samples_per_epoch / seconds}, step=epoch)
 
 
+def distribution_strategy(config: TrainConfig) -> tf.distribute.Strategy:
+    """The devices training runs on (conf/config.yaml, train.distribution and train.replicas)."""
+    if config.distribution == "single":
+        return tf.distribute.get_strategy()  # TensorFlow's default placement: a GPU if there is one
+    gpus = tf.config.list_physical_devices("GPU")
+    if gpus:
+        replicas = config.replicas or len(gpus)
+        if replicas > len(gpus):
+            raise PipelineError(f"train.replicas={replicas} but {len(gpus)} GPU(s) are visible; "
+                                "lower train.replicas or set it to null (every visible GPU)")
+        return tf.distribute.MirroredStrategy([f"/gpu:{index}" for index in range(replicas)])
+    # No GPU: split the CPU into logical devices (must happen before TensorFlow initialises them).
+    replicas = config.replicas or 1
+    [cpu] = tf.config.list_physical_devices("CPU")
+    tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * replicas)
+    return tf.distribute.MirroredStrategy([f"/cpu:{index}" for index in range(replicas)])
+
+
 def train(model_config: MlpConfig | CnnConfig, train_config: TrainConfig) -> None:
+    strategy = distribution_strategy(train_config)
     keras.utils.set_random_seed(train_config.seed)
     tf.config.experimental.enable_op_determinism()
+    if train_config.mixed_precision:
+        keras.mixed_precision.set_global_policy("mixed_float16")
 
     train_images, train_labels = load_split("train")
     validation_images, validation_labels = load_split("validation")
     manifest = read_json(PREPARED_DIR / "manifest.json")
 
-    model = build_model(model_config)
-    model.compile(
-        optimizer=keras.optimizers.Adam(learning_rate=train_config.learning_rate),
-        loss="sparse_categorical_crossentropy",
-        metrics=["accuracy"],
-        steps_per_execution=train_config.steps_per_execution,
-        jit_compile=train_config.jit_compile,
-    )
+    with strategy.scope():  # variables are mirrored on every replica
+        model = build_model(model_config)
+        model.compile(
+            optimizer=keras.optimizers.Adam(learning_rate=train_config.learning_rate),
+            loss="sparse_categorical_crossentropy",
+            metrics=["accuracy"],
+            steps_per_execution=train_config.steps_per_execution,
+            jit_compile=train_config.jit_compile,
+        )
+    # Each update sees batch_size samples per replica; Keras splits every global batch among them.
+    global_batch_size = train_config.batch_size * strategy.num_replicas_in_sync
 
     # The data section comes from the manifest: it is what preprocess actually used.
     data_config = DataConfig(**manifest["config"])
     params = training_params({"data": data_config, "model": model_config, "train": train_config})
     run_name, tags = describe_run(model_config, train_config, params, manifest["data_hash"])
+    tags["train.replicas_in_sync"] = str(strategy.num_replicas_in_sync)
     # A killed run leaves its last completed epoch here; the same config, data and code resume it.
     checkpoint_dir = CHECKPOINT_ROOT / config_hash({**params, "data.hash": manifest["data_hash"],
                                                     "code": code_fingerprint()})
-    steps_per_epoch = -(-len(train_labels) // train_config.batch_size)
-    first_epoch = resume(model, checkpoint_dir) // steps_per_epoch
+    steps_per_epoch = -(-len(train_labels) // global_batch_size)
+    with strategy.scope():
+        first_epoch = resume(model, checkpoint_dir) // steps_per_epoch
     interrupted_run = read_json(checkpoint_dir / "run.json")["run_id"] if first_epoch else None
     if first_epoch:
         print(f"train: resuming after epoch {first_epoch} from {checkpoint_dir}", file=sys.stderr)
@@ -142,7 +169,7 @@ def train(model_config: MlpConfig | CnnConfig, train_config: TrainConfig) -> Non
         write_json(checkpoint_dir / "run.json", {"run_id": run.info.run_id})
         started = time.perf_counter()
         model.fit(
-            training_batches(train_images, train_labels, train_config.batch_size, train_config.seed,
+            training_batches(train_images, train_labels, global_batch_size, train_config.seed,
                              first_epoch, train_config.epochs),
             steps_per_epoch=steps_per_epoch,
             initial_epoch=first_epoch,

@@ -37,6 +37,9 @@ def test_experiment_presets_compose():
     ("train.epochs=0", "train.epochs must be >= 1, got 0"),
     ("model.name=resnet", "model.name: unknown model 'resnet'; allowed: mlp, cnn"),
     ("data.limit=0", "data.limit must be null or >= 1"),
+    ("train.distribution=horovod", "train.distribution must be one of single, mirrored, got 'horovod'"),
+    ("train.distribution=mirrored", "train.steps_per_execution must be 1 with train.distribution=mirrored"),
+    ("train.replicas=2", "train.replicas must be null, or >= 1 with train.distribution=mirrored, got 2"),
     ("~train.epochs", "missing key 'train.epochs'"),
 ])
 def test_bad_values_are_refused_with_the_key_named(override, message):
