@@ -37,7 +37,7 @@ server: $(INSTALLED)
 	mlflow server --backend-store-uri "$(BACKEND_STORE_URI)" --artifacts-destination "$(ARTIFACTS_DESTINATION)" \
 		--serve-artifacts --host $(HOST) --port $(PORT) $(UI_ARGS)
 
-## sweep: the four reference settings as queued DVC experiments (SEEDS=3, JOBS=2, FORCE=1)
+## sweep: the four reference settings as queued DVC experiments (SEEDS=3, JOBS=2, DEVICES=0,1, FORCE=1)
 sweep: $(INSTALLED)
 	python -m pipeline.sweep $(SETTINGS)
 

@@ -1,13 +1,14 @@
 """`make sweep`: the reference hyperparameter settings as queued DVC experiments.
 
 Each setting x seed becomes one `dvc exp run --queue -n <setting>-seed<seed> -S +experiment=<setting>`;
-the queue then runs, each experiment logging its own MLflow run (named after the experiment and
-tagged with the sweep). A setting already tracked for the same config, code and data is skipped
+the queue then runs (JOBS workers, each with its own GPU when there are GPUs), each experiment
+logging its own MLflow run (named after the experiment and tagged with the sweep). A setting already tracked for the same config, code and data is skipped
 unless --force: the comparison reads runs, it does not need them twice.
 """
 
 import argparse
 import os
+import re
 import subprocess
 import sys
 import time
@@ -19,7 +20,7 @@ from pipeline.compare import SETTINGS
 from pipeline.config import PipelineError, compose, config_hash, training_params, validate
 
 
-def sweep(settings: list[str], seeds: int, jobs: int, force: bool) -> None:
+def sweep(settings: list[str], seeds: int, jobs: int, devices: list[str], force: bool) -> None:
     tracking.connect()
     commit = tracking.git("rev-parse", "HEAD")
     code_is_clean = not tracking.git("status", "--porcelain", "--", *tracking.RESULT_INPUTS)
@@ -47,6 +48,8 @@ def sweep(settings: list[str], seeds: int, jobs: int, force: bool) -> None:
     print(f"sweep: running {len(queued)} experiments ({sweep_id}), {jobs} at a time", file=sys.stderr)
     # Queue workers inherit this environment: the train stage tags each run with the sweep.
     os.environ["PIPELINE_SWEEP"] = sweep_id
+    start_workers(jobs, devices)
+    # Follows the queued experiments to their end (the workers are already there: it starts none).
     subprocess.run(["dvc", "exp", "run", "--run-all", "--jobs", str(jobs)], check=True)
 
     # DVC restores a stage it has run before with the same inputs from its run cache, without
@@ -63,6 +66,44 @@ def sweep(settings: list[str], seeds: int, jobs: int, force: bool) -> None:
         raise PipelineError(f"no finished MLflow run for {', '.join(missing)} in {tracking.tracking_uri()}; "
                             "see `dvc queue logs <name>`, or retrain with FORCE=1")
     print(f"sweep: {len(queued)} experiments tracked; `make compare` tabulates them", file=sys.stderr)
+
+
+def start_workers(jobs: int, devices: list[str]) -> None:
+    """Starts the queue's workers one at a time, worker k seeing only devices[k mod len(devices)].
+
+    `dvc queue start --jobs k` starts worker k alone when 1..k-1 are up, in the calling
+    environment: that is what gives each worker its own CUDA_VISIBLE_DEVICES.
+    """
+    for number in range(1, jobs + 1):
+        environment = dict(os.environ)
+        if devices:
+            environment["CUDA_VISIBLE_DEVICES"] = devices[(number - 1) % len(devices)]
+        subprocess.run(["dvc", "queue", "start", "--jobs", str(number)], env=environment, check=True,
+                       stdout=subprocess.DEVNULL)
+        deadline = time.monotonic() + 60
+        while queue_workers() < number:  # wait until it is up, or the next call would start it again
+            if time.monotonic() > deadline:
+                raise PipelineError(f"DVC queue worker {number} did not start within 60 s; see `dvc queue status`")
+            time.sleep(0.5)
+        if devices:
+            print(f"sweep: queue worker {number} uses CUDA_VISIBLE_DEVICES={environment['CUDA_VISIBLE_DEVICES']}",
+                  file=sys.stderr)
+
+
+def queue_workers() -> int:
+    status = subprocess.run(["dvc", "queue", "status"], capture_output=True, text=True, check=True).stdout
+    active, idle = re.search(r"Worker status: (\d+) active, (\d+) idle", status).groups()
+    return int(active) + int(idle)
+
+
+def visible_gpus() -> list[str]:
+    """The GPUs nvidia-smi lists (none without it): by default one per queue worker, round robin."""
+    try:
+        listed = subprocess.run(["nvidia-smi", "--query-gpu=index", "--format=csv,noheader"],
+                                capture_output=True, text=True, check=True).stdout
+    except (OSError, subprocess.CalledProcessError):
+        return []
+    return listed.split()
 
 
 def tracked_run(hash_: str, commit: str | None, sweep: str | None = None) -> str | None:
@@ -83,13 +124,17 @@ def main() -> None:
                         help=f"from conf/experiment/ (default: the four reference settings; all: {', '.join(SETTINGS)})")
     parser.add_argument("--seeds", type=int, default=int(os.environ.get("SEEDS", 1)), help="seeds 0..N-1 (env SEEDS)")
     parser.add_argument("--jobs", type=int, default=int(os.environ.get("JOBS", 1)), help="parallel queue workers (env JOBS)")
+    parser.add_argument("--devices", default=os.environ.get("DEVICES"),
+                        help="GPU indices for the queue workers, e.g. 0,1: worker k gets one of them as its "
+                             "CUDA_VISIBLE_DEVICES, round robin (env DEVICES; default: every GPU nvidia-smi lists)")
     parser.add_argument("--force", action="store_true", default=bool(os.environ.get("FORCE")),
                         help="retrain even when a tracked run exists (env FORCE=1)")
     arguments = parser.parse_args()
     try:
         if arguments.seeds < 1 or arguments.jobs < 1:
             raise PipelineError("--seeds and --jobs must be >= 1")
-        sweep(arguments.settings, arguments.seeds, arguments.jobs, arguments.force)
+        devices = arguments.devices.split(",") if arguments.devices else visible_gpus()
+        sweep(arguments.settings, arguments.seeds, arguments.jobs, devices, arguments.force)
     except (PipelineError, subprocess.CalledProcessError) as error:
         print(f"error: sweep: {error}", file=sys.stderr)
         sys.exit(1)

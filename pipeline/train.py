@@ -207,6 +207,8 @@ def describe_run(model_config: MlpConfig | CnnConfig, train_config: TrainConfig,
         "tensorflow.build": "CUDA" if tf.test.is_built_with_cuda() else "CPU",
         "tensorflow.device": "GPU" if gpus else "CPU",
     }
+    if "CUDA_VISIBLE_DEVICES" in os.environ:  # set per queue worker by `make sweep`
+        tags["env.cuda_visible_devices"] = os.environ["CUDA_VISIBLE_DEVICES"]
     if gpus:
         tags["env.gpu"] = tf.config.experimental.get_device_details(gpus[0]).get("device_name", "unknown")
     if os.environ.get("PIPELINE_SWEEP"):

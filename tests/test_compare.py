@@ -25,10 +25,10 @@ CHROMIUM = shutil.which("chromium")
 @pytest.fixture(scope="module")
 def tiny_sweep(tmp_path_factory, mnist_url):
     """Two settings swept through `dvc exp run --queue` in a project whose conf/ is shrunk, by two
-    queue workers at once writing to the same SQLite store."""
+    queue workers at once writing to the same SQLite store, each given its own (pretend) GPU."""
     project = make_project(tmp_path_factory.mktemp("sweep"), shrink_conf=True)
     env = environment(mnist_url)
-    sweep = run(project, [sys.executable, "-m", "pipeline.sweep", "--jobs", "2", *SWEPT], env)
+    sweep = run(project, [sys.executable, "-m", "pipeline.sweep", "--jobs", "2", "--devices", "0,1", *SWEPT], env)
     compare = run(project, [sys.executable, "-m", "pipeline.compare"], env)
     mlflow.set_tracking_uri(f"sqlite:///{project / 'mlflow.db'}")
     runs = mlflow.search_runs(experiment_names=["mnist"], output_format="list")
@@ -45,6 +45,9 @@ def test_sweep_logs_one_named_run_per_setting_grouped_by_sweep(tiny_sweep):
     assert sorted(runs) == ["default-seed0", "lr_x10-seed0"]
     assert {run.data.params["train.learning_rate"] for run in runs.values()} == {"0.001", "0.01"}
     assert len({run.data.tags["sweep"] for run in runs.values()}) == 1
+    # One device per queue worker; the experiments ran at once, one on each worker.
+    assert "queue worker 2 uses CUDA_VISIBLE_DEVICES=1" in sweep.stderr
+    assert sorted(run.data.tags["env.cuda_visible_devices"] for run in runs.values()) == ["0", "1"]
     assert {run.data.tags["dvc.exp_name"] for run in runs.values()} == set(runs)
     # Queued experiments run in temporary copies; the store and artifacts must outlive them.
     for tracked in runs.values():
