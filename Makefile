@@ -55,7 +55,8 @@ push: $(INSTALLED)
 pull: $(INSTALLED)
 	dvc pull
 
-## bench: the pipeline's cost vs the bare Keras script, side by side (BENCH_ARGS="--cnn"); writes bench/results.md
+## bench: the pipeline's cost vs the bare Keras script, side by side, and the CNN preset (BENCH_ARGS=--no-cnn
+##   skips it); writes bench/results.md. About 20 minutes on 2 cores.
 bench: $(INSTALLED)
 	python bench/bench.py $(BENCH_ARGS)
 

@@ -107,9 +107,10 @@ def bench(repeats: int, cnn: bool) -> None:
         if cnn:
             subprocess.run([sys.executable, "-m", "pipeline.config", "+experiment=cnn"], cwd=project, env=env,
                            check=True, capture_output=True)
-            timed(["dvc", "repro"], project, env)
+            seconds, _ = timed(["dvc", "repro"], project, env)
             fit, accuracy = latest_fit_seconds(project)
-            cnn_line = f"| CNN preset (`+experiment=cnn`): test accuracy, fit time | {accuracy:.2%}, {fit:.0f} s | ≥ 99.5%, ≤ 300 s |\n"
+            cnn_line = (f"| CNN preset (`+experiment=cnn`): test accuracy; fit time (`dvc repro` of train, evaluate, "
+                        f"error-analysis) | {accuracy:.2%}; {fit:.0f} s ({seconds:.0f} s) | ≥ 99.5%; ≤ 300 s |\n")
 
     write_results(measured, stages, cnn_line, repeats)
 
@@ -156,7 +157,7 @@ also skips the history CSV and curves, built from the tracked metrics: an upper 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--cnn", action="store_true", help="also train the CNN preset (minutes)")
+    parser.add_argument("--no-cnn", dest="cnn", action="store_false", help="skip the CNN preset (about 5 minutes)")
     arguments = parser.parse_args()
     if arguments.repeats < 3:
         parser.error("--repeats must be at least 3 (min and median need them)")
