@@ -127,6 +127,17 @@ def distribution_strategy(config: TrainConfig) -> tf.distribute.Strategy:
     return tf.distribute.MirroredStrategy([f"/cpu:{index}" for index in range(replicas)])
 
 
+def steps_per_call(steps_per_epoch: int, steps_per_execution: int) -> int:
+    """The largest divisor of steps_per_epoch up to train.steps_per_execution.
+
+    Keras always runs whole calls of steps_per_execution steps: one that straddled an epoch's end
+    would carry its steps into the next epoch, shifting every validation, checkpoint and logged
+    epoch off the data's epoch boundaries. A divisor runs the same updates on the same batches.
+    """
+    return max(steps for steps in range(1, min(steps_per_execution, steps_per_epoch) + 1)
+               if steps_per_epoch % steps == 0)
+
+
 def train(model_config: MlpConfig | CnnConfig, train_config: TrainConfig) -> None:
     strategy = distribution_strategy(train_config)
     keras.utils.set_random_seed(train_config.seed)
@@ -138,17 +149,18 @@ def train(model_config: MlpConfig | CnnConfig, train_config: TrainConfig) -> Non
     validation_images, validation_labels = load_split("validation")
     manifest = read_json(PREPARED_DIR / "manifest.json")
 
+    # Each update sees batch_size samples per replica; Keras splits every global batch among them.
+    global_batch_size = train_config.batch_size * strategy.num_replicas_in_sync
+    steps_per_epoch = -(-len(train_labels) // global_batch_size)
     with strategy.scope():  # variables are mirrored on every replica
         model = build_model(model_config)
         model.compile(
             optimizer=keras.optimizers.Adam(learning_rate=train_config.learning_rate),
             loss="sparse_categorical_crossentropy",
             metrics=["accuracy"],
-            steps_per_execution=train_config.steps_per_execution,
+            steps_per_execution=steps_per_call(steps_per_epoch, train_config.steps_per_execution),
             jit_compile=train_config.jit_compile,
         )
-    # Each update sees batch_size samples per replica; Keras splits every global batch among them.
-    global_batch_size = train_config.batch_size * strategy.num_replicas_in_sync
 
     # The data section comes from the manifest: it is what preprocess actually used.
     data_config = DataConfig(**manifest["config"])
@@ -158,7 +170,6 @@ def train(model_config: MlpConfig | CnnConfig, train_config: TrainConfig) -> Non
     # A killed run leaves its last completed epoch here; the same config, data and code resume it.
     checkpoint_dir = CHECKPOINT_ROOT / config_hash({**params, "data.hash": manifest["data_hash"],
                                                     "code": code_fingerprint()})
-    steps_per_epoch = -(-len(train_labels) // global_batch_size)
     with strategy.scope():
         first_epoch = resume(model, checkpoint_dir) // steps_per_epoch
     interrupted_run = read_json(checkpoint_dir / "run.json")["run_id"] if first_epoch else None

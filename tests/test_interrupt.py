@@ -14,9 +14,18 @@ import pytest
 
 from tests.conftest import environment, make_project, run
 
-# Long enough epochs (a few seconds) to be killed in the middle of one.
-SLOW = ["data.limit=3000", "train.epochs=3", "train.batch_size=16", "train.steps_per_execution=1",
+# Long enough epochs (a few seconds) to be killed in the middle of one; 188 steps per epoch, run
+# 10 at a time, which does not divide them.
+SLOW = ["data.limit=3000", "train.epochs=3", "train.batch_size=16", "train.steps_per_execution=10",
         "train.jit_compile=false"]
+
+
+@pytest.mark.parametrize("steps_per_epoch, configured, expected", [(860, 100, 86), (188, 10, 4), (5, 100, 5),
+                                                                  (101, 100, 1), (86, 100, 86)])
+def test_calls_never_straddle_an_epoch(steps_per_epoch, configured, expected):
+    from pipeline.train import steps_per_call
+
+    assert steps_per_call(steps_per_epoch, configured) == expected
 
 
 def weights(project) -> list[np.ndarray]:
