@@ -2,8 +2,9 @@
 
 Each setting x seed becomes one `dvc exp run --queue -n <setting>-seed<seed> -S +experiment=<setting>`;
 the queue then runs (JOBS workers, each with its own GPU when there are GPUs), each experiment
-logging its own MLflow run (named after the experiment and tagged with the sweep). A setting already tracked for the same config, code and data is skipped
-unless --force: the comparison reads runs, it does not need them twice.
+logging its own MLflow run (named after the experiment and tagged with the sweep). A setting
+already tracked for the same config, code and data is skipped unless --force: the comparison
+reads runs, it does not need them twice.
 """
 
 import argparse

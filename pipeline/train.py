@@ -149,6 +149,15 @@ def train(model_config: MlpConfig | CnnConfig, train_config: TrainConfig) -> Non
     validation_images, validation_labels = load_split("validation")
     manifest = read_json(PREPARED_DIR / "manifest.json")
 
+    # The data section comes from the manifest: it is what preprocess actually used.
+    data_config = DataConfig(**manifest["config"])
+    params = training_params({"data": data_config, "model": model_config, "train": train_config})
+    run_name, tags = describe_run(model_config, train_config, params, manifest["data_hash"])
+    tags["train.replicas_in_sync"] = str(strategy.num_replicas_in_sync)
+    # A killed run leaves its last completed epoch here; the same config, data and code resume it.
+    checkpoint_dir = CHECKPOINT_ROOT / config_hash({**params, "data.hash": manifest["data_hash"],
+                                                    "code": code_fingerprint()})
+
     # Each update sees batch_size samples per replica; Keras splits every global batch among them.
     global_batch_size = train_config.batch_size * strategy.num_replicas_in_sync
     steps_per_epoch = -(-len(train_labels) // global_batch_size)
@@ -161,16 +170,6 @@ def train(model_config: MlpConfig | CnnConfig, train_config: TrainConfig) -> Non
             steps_per_execution=steps_per_call(steps_per_epoch, train_config.steps_per_execution),
             jit_compile=train_config.jit_compile,
         )
-
-    # The data section comes from the manifest: it is what preprocess actually used.
-    data_config = DataConfig(**manifest["config"])
-    params = training_params({"data": data_config, "model": model_config, "train": train_config})
-    run_name, tags = describe_run(model_config, train_config, params, manifest["data_hash"])
-    tags["train.replicas_in_sync"] = str(strategy.num_replicas_in_sync)
-    # A killed run leaves its last completed epoch here; the same config, data and code resume it.
-    checkpoint_dir = CHECKPOINT_ROOT / config_hash({**params, "data.hash": manifest["data_hash"],
-                                                    "code": code_fingerprint()})
-    with strategy.scope():
         first_epoch = resume(model, checkpoint_dir) // steps_per_epoch
     interrupted_run = read_json(checkpoint_dir / "run.json")["run_id"] if first_epoch else None
     if first_epoch:
