@@ -93,8 +93,10 @@ def start_workers(jobs: int, devices: list[str]) -> None:
 
 def queue_workers() -> int:
     status = subprocess.run(["dvc", "queue", "status"], capture_output=True, text=True, check=True).stdout
-    active, idle = re.search(r"Worker status: (\d+) active, (\d+) idle", status).groups()
-    return int(active) + int(idle)
+    counts = re.search(r"Worker status: (\d+) active, (\d+) idle", status)
+    if not counts:  # a DVC whose `queue status` words it differently
+        raise PipelineError(f"cannot read the worker count from `dvc queue status`: {status.strip()[-200:]!r}")
+    return int(counts[1]) + int(counts[2])
 
 
 def visible_gpus() -> list[str]:
