@@ -22,6 +22,7 @@ PREDICTIONS_FILE = Path("data/predictions/test_probabilities.npy")
 MODEL_FILE = Path("models/model.keras")
 RUN_FILE = Path("models/run.json")
 REPORTS_DIR = Path("reports")
+METRICS_FILE = REPORTS_DIR / "metrics.json"
 
 SPLITS = ("train", "validation", "test")
 IDX_FILES = {

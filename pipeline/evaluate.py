@@ -13,9 +13,9 @@ from sklearn.metrics import accuracy_score, classification_report, log_loss, pre
 
 from pipeline import tracking
 from pipeline.config import EvaluateConfig, run_stage
-from pipeline.data_io import MODEL_FILE, PREDICTIONS_FILE, REPORTS_DIR, load_split, require, save_array, write_json
+from pipeline.data_io import (METRICS_FILE, MODEL_FILE, PREDICTIONS_FILE, REPORTS_DIR, load_split, require, save_array,
+                              write_json)
 
-METRICS_FILE = REPORTS_DIR / "metrics.json"
 REPORT_FILE = REPORTS_DIR / "classification_report.json"
 DIGITS = list(range(10))
 

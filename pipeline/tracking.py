@@ -6,6 +6,7 @@ execute and log nothing: their models/run.json still points at the run that made
 """
 
 import os
+import platform
 import subprocess
 import sys
 import urllib.request
@@ -91,19 +92,11 @@ def lineage_tags() -> dict[str, str]:
     return tags
 
 
-def environment() -> tuple[dict[str, str], str]:
-    """(tags naming the CPU and Python, the exact installed packages as requirements text)."""
-    import platform
+def installed_packages() -> str:
+    """The exact installed packages, as requirements text (the numeric environment is in numerics)."""
     from importlib.metadata import distributions
 
-    cpu = platform.processor() or platform.machine()
-    cpuinfo = Path("/proc/cpuinfo")
-    if cpuinfo.exists():
-        cpu = next((line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines()
-                    if line.startswith("model name")), cpu)
-    packages = sorted(f"{dist.metadata['Name']}=={dist.version}" for dist in distributions())
-    tags = {"env.cpu": cpu, "env.cpu_count": str(os.cpu_count()), "env.python": platform.python_version()}
-    return tags, "\n".join(packages) + "\n"
+    return "\n".join(sorted(f"{dist.metadata['Name']}=={dist.version}" for dist in distributions())) + "\n"
 
 
 @contextmanager
@@ -119,7 +112,6 @@ def training_run(run_name: str, params: dict, tags: dict,
     # Short runs need frequent samples to show anything; the sampler thread costs ~nothing.
     mlflow.set_system_metrics_sampling_interval(1)
     mlflow.set_system_metrics_samples_before_logging(1)
-    environment_tags, packages = environment()
     if continue_run_id:
         try:
             mlflow.get_run(continue_run_id)
@@ -127,9 +119,9 @@ def training_run(run_name: str, params: dict, tags: dict,
             continue_run_id = None  # the store lost it: start afresh
     with mlflow.start_run(run_id=continue_run_id, experiment_id=None if continue_run_id else experiment,
                           run_name=None if continue_run_id else run_name,
-                          tags={**lineage_tags(), **environment_tags, **tags}, log_system_metrics=True) as run:
+                          tags={**lineage_tags(), "env.python": platform.python_version(), **tags}, log_system_metrics=True) as run:
         mlflow.log_params(params)
-        mlflow.log_text(packages, "environment/requirements.txt")
+        mlflow.log_text(installed_packages(), "environment/requirements.txt")
         yield run
         write_json(RUN_FILE, {"run_id": run.info.run_id, "experiment_id": experiment})
 

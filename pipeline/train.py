@@ -21,7 +21,7 @@ import tensorflow as tf
 from mlflow.models import ModelSignature
 from mlflow.types import Schema, TensorSpec
 
-from pipeline import models, tracking
+from pipeline import models, numerics, tracking
 from pipeline.config import (CnnConfig, DataConfig, MlpConfig, PipelineError, TrainConfig, config_hash, run_stage,
                              training_params)
 from pipeline.data_io import (MODEL_FILE, PREPARED_DIR, REPORTS_DIR, atomic_path, load_split, read_json,
@@ -154,6 +154,9 @@ def train(model_config: MlpConfig | CnnConfig, train_config: TrainConfig) -> Non
     params = training_params({"data": data_config, "model": model_config, "train": train_config})
     run_name, tags = describe_run(model_config, train_config, params, manifest["data_hash"])
     tags["train.replicas_in_sync"] = str(strategy.num_replicas_in_sync)
+    # What decides the weights' last bits (CPU ISA, threads, oneDNN, GPU): `make reproduce` reads it.
+    numeric_environment = numerics.fingerprint()
+    tags.update(numerics.as_tags(numeric_environment))
     # A killed run leaves its last completed epoch here; the same config, data and code resume it.
     checkpoint_dir = CHECKPOINT_ROOT / config_hash({**params, "data.hash": manifest["data_hash"],
                                                     "code": code_fingerprint()})
@@ -194,6 +197,7 @@ def train(model_config: MlpConfig | CnnConfig, train_config: TrainConfig) -> Non
 
         with atomic_path(MODEL_FILE) as temporary:
             model.save(temporary)
+        write_json(numerics.NUMERICS_FILE, numeric_environment)
         # Explicit requirements: inferring them costs seconds and adds nothing here.
         mlflow.keras.log_model(model, name="model", signature=SIGNATURE,
                                pip_requirements=[f"tensorflow=={tf.__version__}", f"keras=={keras.__version__}"])
@@ -213,14 +217,10 @@ def describe_run(model_config: MlpConfig | CnnConfig, train_config: TrainConfig,
         # Runs of one setting with different seeds share this: `make compare` groups by it.
         "config.hash_without_seed": config_hash(params, ignore=("train.seed",)),
         "model.name": model_config.name,
-        "tensorflow.version": tf.__version__,
-        "tensorflow.build": "CUDA" if tf.test.is_built_with_cuda() else "CPU",
         "tensorflow.device": "GPU" if gpus else "CPU",
     }
     if "CUDA_VISIBLE_DEVICES" in os.environ:  # set per queue worker by `make sweep`
         tags["env.cuda_visible_devices"] = os.environ["CUDA_VISIBLE_DEVICES"]
-    if gpus:
-        tags["env.gpu"] = tf.config.experimental.get_device_details(gpus[0]).get("device_name", "unknown")
     if os.environ.get("PIPELINE_SWEEP"):
         tags["sweep"] = os.environ["PIPELINE_SWEEP"]
     # A DVC experiment's name (`make sweep` names them `lr_x10-seed0`) is the readable choice.
