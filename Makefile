@@ -8,15 +8,19 @@ INSTALLED := $(VENV)/.installed
 HOST ?= 127.0.0.1
 PORT ?= 5000
 
-.PHONY: run test params ui server sweep compare reproduce push pull bench lock clean
+.PHONY: run test test-fast params ui server sweep compare reproduce push pull bench numerics lock clean
 
-## run: compose conf/ into params.yaml, then run the five stages (`dvc repro`)
-run: params
+## run: the whole pipeline (`dvc repro`: conf/ composed into params.yaml when it changed, then the five stages)
+run: $(INSTALLED)
 	dvc repro
 
 ## test: the test suite (real DVC, Hydra, MLflow and TensorFlow on tiny data)
 test: $(INSTALLED)
 	pytest $(PYTEST_ARGS)
+
+## test-fast: the tests that train nothing end to end (schema, parsers, error lines, CLI checks)
+test-fast: $(INSTALLED)
+	pytest -m "not slow" $(PYTEST_ARGS)
 
 ## params: compose conf/ (plus OVERRIDES="key=value ...") into params.yaml
 params: $(INSTALLED)
@@ -24,7 +28,7 @@ params: $(INSTALLED)
 
 ## ui: the MLflow UI over the project's store, on http://$(HOST):$(PORT)
 ui: $(INSTALLED)
-	@echo "Training runs: http://$(HOST):$(PORT)/#/experiments/$$(python -m pipeline.tracking experiment-id)/runs"
+	@python -m pipeline.tracking runs-url --host $(HOST) --port $(PORT)
 	mlflow ui --backend-store-uri "$${MLFLOW_TRACKING_URI:-sqlite:///$(CURDIR)/mlflow.db}" \
 		--default-artifact-root "$(CURDIR)/mlartifacts" --host $(HOST) --port $(PORT) $(UI_ARGS)
 
@@ -37,15 +41,16 @@ server: $(INSTALLED)
 	mlflow server --backend-store-uri "$(BACKEND_STORE_URI)" --artifacts-destination "$(ARTIFACTS_DESTINATION)" \
 		--serve-artifacts --host $(HOST) --port $(PORT) $(UI_ARGS)
 
-## sweep: the four reference settings as queued DVC experiments (SEEDS=3, JOBS=2, DEVICES=0,1, FORCE=1)
+## sweep: the four reference settings as queued DVC experiments (SEEDS=1, JOBS=1; DEVICES=0,1 FORCE=1 optional)
 sweep: $(INSTALLED)
 	python -m pipeline.sweep $(SETTINGS)
 
 ## compare: regenerate reports/comparison.* and the README table from the tracked MLflow runs
+##   (refuses to replace them with a table of fewer runs unless FORCE=1)
 compare: $(INSTALLED)
 	python -m pipeline.compare
 
-## reproduce: recompute a result and compare (REV=<tag or commit> or RUN=<mlflow run id>; TOLERANCE=)
+## reproduce: recompute a result and compare (REV=HEAD, a commit or tag, or RUN=<mlflow run id>; TOLERANCE=)
 reproduce: $(INSTALLED)
 	python -m pipeline.reproduce
 
@@ -59,6 +64,11 @@ pull: $(INSTALLED)
 ##   skips it); writes bench/results.md. About 20 minutes on 2 cores.
 bench: $(INSTALLED)
 	python bench/bench.py $(BENCH_ARGS)
+
+## numerics: the default MLP under each numeric environment this machine can emulate (oneDNN on/off,
+##   its ISA capped, thread counts); writes bench/numerics.md. About 10 minutes on 2 cores.
+numerics: $(INSTALLED)
+	python bench/numerics.py
 
 ## lock: re-resolve pyproject.toml's ranges into requirements.lock (needs the network)
 lock:

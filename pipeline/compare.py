@@ -4,8 +4,12 @@ A run belongs to a setting when its config (seed aside) equals that preset's com
 the `config.hash_without_seed` tag. Per setting and seed the latest finished run counts. Writes
 reports/comparison.{md,csv,png} and refreshes the table in README.md. Nothing here is typed by
 hand except the source article's claimed figures, shown beside the measured ones.
+
+A store with fewer runs of a setting than the committed table (a fresh clone's, say) never
+overwrites it: compare names what is missing and writes nothing, unless FORCE=1.
 """
 
+import argparse
 import os
 import re
 import sys
@@ -18,13 +22,13 @@ import numpy as np
 import pandas as pd
 
 from pipeline import tracking
-from pipeline.config import compose, config_hash, training_params, validate
+from pipeline.config import SETTINGS, compose, config_hash, training_params, validate
 from pipeline.data_io import REPORTS_DIR, atomic_write_text, save_figure, write_csv
+from pipeline.errors import PipelineError, guard
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-SETTINGS = ["default", "lr_x10", "batch_x10", "epochs_x10", "cnn"]  # conf/experiment/<name>.yaml
 # The source article's figures for its MLP, claimed as measured MNIST test accuracy.
 CLAIMED_ACCURACY = {"default": 0.9923, "lr_x10": 0.9912, "batch_x10": 0.9911, "epochs_x10": 0.9935}
 MARKDOWN_FILE = REPORTS_DIR / "comparison.md"
@@ -151,11 +155,28 @@ def update_readme(table: str) -> None:
         atomic_write_text(README, pattern.sub(lambda _: f"{README_BEGIN}\n{table}{README_END}", text))
 
 
-def compare() -> None:
+def check_not_poorer(summary: pd.DataFrame) -> None:
+    """Refuses to replace the committed table with one that has fewer runs of some setting."""
+    if not CSV_FILE.exists():
+        return
+    committed = pd.read_csv(CSV_FILE).set_index("setting").n
+    tracked = summary.set_index("setting").n
+    poorer = [f"{setting} ({tracked.get(setting, 0)} of {count} runs)" for setting, count in committed.items()
+              if tracked.get(setting, 0) < count]
+    if poorer:
+        raise PipelineError(
+            f"the store {tracking.tracking_uri()} holds fewer runs than {CSV_FILE} for {', '.join(poorer)}; "
+            f"files left as they are. Track them with `make sweep SEEDS={committed.max()}`, "
+            "or write the poorer table anyway with `make compare FORCE=1`")
+
+
+def compare(force: bool) -> None:
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # one bar per run is noise here
     tracking.connect()
     runs_by_setting = setting_runs()
     summary = summary_table(runs_by_setting)
+    if not force:
+        check_not_poorer(summary)
     per_class = per_class_table(runs_by_setting)
     table = markdown(summary, per_class)
     write_csv(CSV_FILE, summary)
@@ -168,5 +189,12 @@ def compare() -> None:
     print(f"compare: wrote {MARKDOWN_FILE}, {CSV_FILE}, {PER_CLASS_FILE}, {CHART_FILE}", file=sys.stderr)
 
 
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--force", action="store_true", default=bool(os.environ.get("FORCE")),
+                        help="write the table even when it has fewer runs than the committed one (env FORCE=1)")
+    guard("compare", compare, parser.parse_args().force)
+
+
 if __name__ == "__main__":
-    compare()
+    main()

@@ -3,14 +3,18 @@
 conf/ (Hydra) is what people edit. params.yaml is its composition, which DVC tracks and every
 stage reads. The schema below holds types and allowed ranges only; the values live in conf/,
 so every field is required (MISSING) and nothing is defaulted in two places.
+
+DVC composes conf/ itself only in `dvc exp run`. For `dvc repro`, the `params` stage (this
+module's `sync`) depends on conf/ and writes params.yaml: an edit to conf/ recomposes it, with
+the overrides the last `make params` recorded in its first line, and the stages it changes rerun.
 """
 
+import argparse
 import hashlib
 import json
 import os
-import signal
+import re
 import sys
-import traceback
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -18,18 +22,23 @@ from typing import Any, Callable, Optional
 from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from pipeline.errors import PipelineError, guard
+
 PARAMS_FILE = Path("params.yaml")
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
-FIX_HINT = "fix it in conf/ and run `make params` (or `dvc exp run -S key=value`)"
+FIX_HINT = "fix it in conf/ and run `dvc repro` (or `dvc exp run -S key=value`)"
+# params.yaml's first line: which conf/ it was composed from, and with which overrides.
+HEADER = "# Composed from conf/ (edit conf/, not this file; see pipeline/config.py): conf {digest}, overrides {overrides}"
+HEADER_PATTERN = re.compile(r"^# Composed from conf/ .*: conf ([0-9a-f]{16}), overrides (\[.*\])$")
 
 
-class PipelineError(Exception):
-    """A problem the user can fix; reported as one line, without a traceback."""
+class ConfigValueError(ValueError):
+    """A value outside its allowed range (raised in the schema's __post_init__ checks)."""
 
 
 def _check(condition: bool, key: str, requirement: str, value: Any) -> None:
     if not condition:
-        raise ValueError(f"{key} must be {requirement}, got {value!r}")
+        raise ConfigValueError(f"{key} must be {requirement}, got {value!r}")
 
 
 @dataclass
@@ -77,6 +86,8 @@ class CnnConfig:
 
 
 MODELS = {"mlp": MlpConfig, "cnn": CnnConfig}
+# The presets in conf/experiment/, in the comparison table's order; the first four are the article's.
+SETTINGS = ["default", "lr_x10", "batch_x10", "epochs_x10", "cnn"]
 DISTRIBUTIONS = ("single", "mirrored")
 
 
@@ -159,7 +170,7 @@ def validate(raw: DictConfig) -> dict[str, Any]:
             sections[name] = OmegaConf.to_object(merged)
         except OmegaConfBaseException as error:
             raise PipelineError(_describe(error, name, schema)) from None
-        except ValueError as error:  # a range check in __post_init__
+        except ConfigValueError as error:  # a range check in __post_init__
             raise PipelineError(str(error)) from None
     return sections
 
@@ -180,9 +191,11 @@ def load(params_file: Path = PARAMS_FILE) -> dict[str, Any]:
     """Reads and validates params.yaml (the composed configuration DVC tracks)."""
     if not params_file.exists():
         raise PipelineError(f"{params_file} not found; run `make params` to compose it from conf/")
+    import yaml
+
     try:
         raw = OmegaConf.load(params_file)
-    except Exception as error:  # a YAML syntax error
+    except yaml.YAMLError as error:
         raise PipelineError(f"{params_file} is not valid YAML: {str(error).splitlines()[0]}") from None
     try:
         return validate(raw)
@@ -214,53 +227,112 @@ def compose(overrides: list[str] = (), conf_dir: Path = CONF_DIR) -> DictConfig:
     """Composes conf/ exactly as `dvc exp run` does (dvc.utils.hydra.compose_and_dump)."""
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
+    from hydra.errors import HydraException
 
-    with initialize_config_dir(str(Path(conf_dir).resolve()), version_base=None):
-        composed = hydra_compose(config_name="config", overrides=list(overrides))
+    try:
+        with initialize_config_dir(str(Path(conf_dir).resolve()), version_base=None):
+            composed = hydra_compose(config_name="config", overrides=list(overrides))
+    except (HydraException, OmegaConfBaseException) as error:
+        reason = " ".join(str(error).split())
+        unknown = re.match(r"Could not override '(([^'.]+)\.[^']+)'", reason)
+        if unknown and unknown[2] in SECTIONS:  # Hydra's hint (append with +) would fail the schema
+            schemas = [SECTIONS[unknown[2]]] if SECTIONS[unknown[2]] else list(MODELS.values())
+            allowed = ", ".join(dict.fromkeys(field.name for schema in schemas for field in fields(schema)))
+            reason = f"unknown key {unknown[1]!r}; allowed in {unknown[2]}: {allowed}"
+        raise PipelineError(f"cannot compose conf/ with {' '.join(overrides) or 'no overrides'}: {reason}") from None
     OmegaConf.resolve(composed)
     return composed
 
 
-def run_stage(stage: Callable[..., None], *section_names: str) -> None:
-    """Entry point of every stage: validate params.yaml, run, and report failures in one line.
-
-    PIPELINE_DEBUG=1 adds the traceback.
-    """
-    # SIGTERM (a `kill`, a CI timeout) unwinds like Ctrl-C: open MLflow runs get closed.
-    signal.signal(signal.SIGTERM, signal.default_int_handler)
-    try:
-        sections = load()
-        stage(*(sections[name] for name in section_names))
-    except (PipelineError, ValueError) as error:
-        fail(stage.__name__, str(error))
-    except OSError as error:  # the filesystem refused: name the path
-        path = error.filename or ""
-        fail(stage.__name__, f"cannot write {path} ({error.strerror or error}); "
-                             "check that its folder exists, is a folder and is writable")
-    except KeyboardInterrupt:
-        fail(stage.__name__, "interrupted; run `dvc repro` again to finish (training resumes from its last completed epoch)", exit_code=130)
+def conf_digest(conf_dir: Path = CONF_DIR) -> str:
+    """A hash of every file under conf/: params.yaml's header records the one it was composed from."""
+    digest = hashlib.sha256()
+    for path in sorted(path for path in Path(conf_dir).rglob("*") if path.is_file()):
+        digest.update(path.relative_to(conf_dir).as_posix().encode() + b"\0" + path.read_bytes() + b"\0")
+    return digest.hexdigest()[:16]
 
 
-def fail(stage_name: str, message: str, exit_code: int = 1) -> None:
-    if os.environ.get("PIPELINE_DEBUG"):
-        traceback.print_exc()
-    print(f"error: {stage_name}: {message}", file=sys.stderr)
-    sys.exit(exit_code)
-
-
-def write_params(overrides: list[str]) -> None:
+def write_params(overrides: list[str], conf_dir: Path = CONF_DIR, params_file: Path = PARAMS_FILE) -> DictConfig:
     """`make params`: compose conf/ (plus overrides), validate, and write params.yaml atomically."""
     from pipeline.data_io import atomic_write_text
 
-    composed = compose(overrides)
+    composed = compose(overrides, conf_dir)
     validate(composed)
-    atomic_write_text(PARAMS_FILE, OmegaConf.to_yaml(composed))
-    print(f"wrote {PARAMS_FILE} from conf/" + (f" with {' '.join(overrides)}" if overrides else ""))
+    header = HEADER.format(digest=conf_digest(conf_dir), overrides=json.dumps(list(overrides)))
+    atomic_write_text(params_file, f"{header}\n{OmegaConf.to_yaml(composed)}")
+    return composed
+
+
+def recorded_composition(params_file: Path = PARAMS_FILE) -> tuple[str, list[str]] | None:
+    """(conf/ digest, overrides) from params.yaml's header; None without one (`dvc exp apply`, by hand)."""
+    first_line = params_file.read_text(encoding="utf-8").partition("\n")[0] if params_file.exists() else ""
+    match = HEADER_PATTERN.match(first_line)
+    return (match[1], json.loads(match[2])) if match else None
+
+
+def changed_values(before: DictConfig | dict, after: DictConfig) -> list[tuple[str, Any, Any]]:
+    """(key, value before, value after) for each leaf value that differs."""
+    def leaves(config, prefix=""):
+        if isinstance(config, dict):
+            return {key: value for name, child in config.items() for key, value in leaves(child, f"{prefix}{name}.").items()}
+        return {prefix.rstrip("."): config}
+
+    old = leaves(OmegaConf.to_container(before) if isinstance(before, DictConfig) else before)
+    new = leaves(OmegaConf.to_container(after))
+    return [(key, old.get(key), new.get(key)) for key in sorted(set(old) | set(new)) if old.get(key) != new.get(key)]
+
+
+def sync(conf_dir: Path = CONF_DIR, params_file: Path = PARAMS_FILE) -> None:
+    """The `params` stage: recompose params.yaml when conf/ changed since it was composed."""
+    if os.environ.get("DVC_EXP_BASELINE_REV"):
+        return  # `dvc exp run` composed conf/ and its -S overrides into params.yaml itself
+    recorded = recorded_composition(params_file)
+    if recorded and recorded[0] == conf_digest(conf_dir):
+        return  # conf/ unchanged: params.yaml stands as it was written
+    overrides = recorded[1] if recorded else []
+    before = OmegaConf.load(params_file) if params_file.exists() else {}
+    composed = compose(overrides, conf_dir)
+    changes = changed_values(before, composed)
+    if recorded is None and changes:
+        differing = "; ".join(f"{key} is {old} there, {new} in conf/" for key, old, new in changes)
+        raise PipelineError(
+            f"{params_file} differs from conf/ ({differing}) and does not record how it was composed "
+            "(`dvc exp apply` or an edit by hand wrote it); run `make params` to take conf/, or "
+            "`make params OVERRIDES=\"key=value ...\"` to keep other values")
+    write_params(overrides, conf_dir, params_file)
+    with_overrides = f" with {' '.join(overrides)}" if overrides else ""
+    described = "; ".join(f"{key}: {old} -> {new}" for key, old, new in changes) or "no value changed"
+    print(f"params: conf/ changed; recomposed {params_file}{with_overrides}: {described}", file=sys.stderr)
+
+
+def run_stage(stage: Callable[..., None], *section_names: str) -> None:
+    """Entry point of every stage: validate params.yaml, then run the stage under the one error guard."""
+    def validated_stage() -> None:
+        sections = load()
+        stage(*(sections[name] for name in section_names))
+
+    interrupted = ("run `dvc repro` again (training resumes from its last completed epoch)" if stage.__name__ == "train"
+                   else "run `dvc repro` again")
+    guard(stage.__name__.replace("_", "-"), validated_stage, interrupted=interrupted)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description="Compose conf/ into params.yaml.")
+    parser.add_argument("--sync", action="store_true",
+                        help="the `params` stage: recompose only when conf/ changed since params.yaml was composed")
+    parser.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. train.epochs=10")
+    arguments = parser.parse_args()
+    if arguments.sync:
+        guard("params", sync)
+        return
+
+    def write() -> None:
+        write_params(arguments.overrides)
+        with_overrides = f" with {' '.join(arguments.overrides)}" if arguments.overrides else ""
+        print(f"wrote {PARAMS_FILE} from conf/{with_overrides}")
+
+    guard("params", write)
 
 
 if __name__ == "__main__":
-    try:
-        write_params(sys.argv[1:])
-    except PipelineError as error:
-        print(f"error: conf/: {error}", file=sys.stderr)
-        sys.exit(1)
+    main()

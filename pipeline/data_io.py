@@ -13,7 +13,7 @@ from typing import Any, Iterator
 
 import numpy as np
 
-from pipeline.config import PipelineError
+from pipeline.errors import PipelineError
 
 # The paths dvc.yaml declares, relative to the workspace DVC runs the stage in.
 RAW_DIR = Path("data/raw")
@@ -23,6 +23,8 @@ MODEL_FILE = Path("models/model.keras")
 RUN_FILE = Path("models/run.json")
 REPORTS_DIR = Path("reports")
 METRICS_FILE = REPORTS_DIR / "metrics.json"
+HISTORY_FILE = REPORTS_DIR / "training_history.csv"
+CURVES_FILE = REPORTS_DIR / "training_curves.png"
 
 SPLITS = ("train", "validation", "test")
 IDX_FILES = {

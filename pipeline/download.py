@@ -17,7 +17,8 @@ import urllib.request
 import zlib
 from pathlib import Path
 
-from pipeline.config import DownloadConfig, PipelineError, run_stage
+from pipeline.config import DownloadConfig, run_stage
+from pipeline.errors import PipelineError
 from pipeline.data_io import IDX_FILES, RAW_DIR, atomic_write_bytes
 
 # Decompressed size and SHA-256 of each file (../shared/data/mnist/README.md, and

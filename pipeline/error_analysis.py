@@ -12,7 +12,8 @@ from sklearn.metrics import ConfusionMatrixDisplay, confusion_matrix
 
 from pipeline import tracking
 from pipeline.config import ErrorAnalysisConfig, run_stage
-from pipeline.data_io import PREDICTIONS_FILE, REPORTS_DIR, load_array, load_split, save_figure, write_csv
+from pipeline.errors import PipelineError
+from pipeline.data_io import CURVES_FILE, METRICS_FILE, PREDICTIONS_FILE, REPORTS_DIR, load_array, load_split, save_figure, write_csv
 
 matplotlib.use("Agg")  # no display needed: figures go to files
 import matplotlib.pyplot as plt  # noqa: E402
@@ -31,7 +32,7 @@ def error_analysis(config: ErrorAnalysisConfig) -> None:
     test_images, test_labels = load_split("test")
     probabilities = load_array(PREDICTIONS_FILE)
     if len(probabilities) != len(test_labels):
-        raise ValueError(f"{PREDICTIONS_FILE} has {len(probabilities)} rows for {len(test_labels)} test "
+        raise PipelineError(f"{PREDICTIONS_FILE} has {len(probabilities)} rows for {len(test_labels)} test "
                          "images; rerun evaluate with `dvc repro`")
     labels = np.asarray(test_labels).astype(int)
     predictions = probabilities.argmax(axis=1)
@@ -56,12 +57,16 @@ def error_analysis(config: ErrorAnalysisConfig) -> None:
     plot_confusion_matrix(matrix)
     plot_gallery(test_images, labels, predictions, confidences, config.gallery_size)
 
-    with tracking.model_run():
+    with tracking.model_run() as run:
         tracking.log_artifacts([PER_CLASS_FILE, CONFUSION_CSV, CONFUSION_PNG, PAIRS_FILE, GALLERY_FILE],
                                "error_analysis")
     worst = per_class.sort_values("accuracy").iloc[0]
     print(f"error-analysis: {int(support.sum() - correct.sum())} errors; weakest digit {int(worst.digit)} "
           f"({worst.accuracy:.2%})", file=sys.stderr)
+    # The last stage: say where everything landed.
+    print(f"\nResults: test accuracy {correct.sum() / support.sum():.2%} in {METRICS_FILE} (`dvc metrics show`)\n"
+          f"Pictures: {CURVES_FILE}, {CONFUSION_PNG}, {GALLERY_FILE} (`dvc plots show` renders them all)\n"
+          f"MLflow run {run.info.run_id} in {tracking.tracking_uri()}: `make ui` prints the link to it", file=sys.stderr)
 
 
 def confused_pairs(matrix: np.ndarray, top: int) -> pd.DataFrame:

@@ -4,15 +4,19 @@ Writes reports/metrics.json (DVC metrics), the per-class classification report, 
 probabilities that error-analysis reads (so that stage needs no TensorFlow).
 """
 
+import json
 import sys
 
-import keras
 import mlflow
 import numpy as np
 from sklearn.metrics import accuracy_score, classification_report, log_loss, precision_recall_fscore_support, roc_auc_score
 
-from pipeline import tracking
-from pipeline.config import EvaluateConfig, run_stage
+from pipeline import numerics, tensorflow_import_notices_hidden, tracking
+
+with tensorflow_import_notices_hidden():
+    import keras
+from pipeline.config import PARAMS_FILE, EvaluateConfig, run_stage
+from pipeline.errors import PipelineError
 from pipeline.data_io import (METRICS_FILE, MODEL_FILE, PREDICTIONS_FILE, REPORTS_DIR, load_split, require, save_array,
                               write_json)
 
@@ -25,7 +29,7 @@ def evaluate(config: EvaluateConfig) -> None:
     try:
         model = keras.models.load_model(require(MODEL_FILE), safe_mode=True)
     except (ValueError, OSError) as error:
-        raise ValueError(f"cannot load {MODEL_FILE} ({str(error).splitlines()[0]}); "
+        raise PipelineError(f"cannot load {MODEL_FILE} ({str(error).splitlines()[0]}); "
                          "retrain it with `dvc repro --force train`") from None
     probabilities = model.predict(test_images, batch_size=config.batch_size, verbose=0).astype(np.float64)
     probabilities /= probabilities.sum(axis=1, keepdims=True)  # float32 softmax sums drift from 1
@@ -38,6 +42,35 @@ def evaluate(config: EvaluateConfig) -> None:
         mlflow.log_metrics({key: value for key, value in metrics.items() if value is not None})
         tracking.log_artifacts([METRICS_FILE, REPORT_FILE], "evaluation")
     print(f"evaluate: test accuracy {metrics['test_accuracy']:.4f}, loss {metrics['test_loss']:.4f}", file=sys.stderr)
+    explain_difference_from_commit(metrics)
+
+
+def explain_difference_from_commit(metrics: dict) -> None:
+    """Says why reports/metrics.json now differs from the commit's, when the params are the commit's.
+
+    The usual reason is another numeric environment (CPU instruction set, threads, oneDNN): the
+    same code and config then give slightly different weights, and `git status` shows the change.
+    """
+    import yaml
+
+    committed_params, committed_metrics = (tracking.git("show", f"HEAD:{path}") for path in (PARAMS_FILE, METRICS_FILE))
+    if not committed_params or not committed_metrics or yaml.safe_load(committed_params) != yaml.safe_load(
+            PARAMS_FILE.read_text(encoding="utf-8")) or json.loads(committed_metrics) == metrics:
+        return  # nothing committed to compare with, another configuration, or the same result
+    reference = json.loads(tracking.git("show", f"HEAD:{numerics.NUMERICS_FILE}") or "null")
+    here = json.loads(numerics.NUMERICS_FILE.read_text()) if numerics.NUMERICS_FILE.exists() else None
+    differing = (numerics.differences(reference, here) if reference and here
+                 else ["the commit records no numeric environment"])
+    was, now = json.loads(committed_metrics).get("test_accuracy"), metrics["test_accuracy"]
+    if differing:
+        print(f"evaluate: note: test accuracy {now:.4f} differs from the committed {was:.4f} because this machine's "
+              f"numeric environment differs from the one that made it ({'; '.join(differing)}): the same code and "
+              "config give slightly different weights there. `make reproduce REV=HEAD` checks the committed result "
+              "within its tolerance", file=sys.stderr)
+    else:
+        print(f"evaluate: note: test accuracy {now:.4f} differs from the committed {was:.4f} with the same params "
+              "in the same numeric environment: code, data or packages differ from the commit "
+              "(see `git status` and `dvc status`)", file=sys.stderr)
 
 
 def score(labels: np.ndarray, probabilities: np.ndarray) -> tuple[dict, dict]:

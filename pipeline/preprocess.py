@@ -10,7 +10,8 @@ import sys
 
 import numpy as np
 
-from pipeline.config import DataConfig, PipelineError, run_stage
+from pipeline.config import DataConfig, run_stage
+from pipeline.errors import PipelineError
 from pipeline.data_io import IDX_FILES, PREPARED_DIR, RAW_DIR, SPLITS, parse_idx, require, save_array, write_json
 
 MANIFEST_FILE = PREPARED_DIR / "manifest.json"

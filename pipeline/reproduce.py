@@ -28,7 +28,8 @@ from omegaconf import OmegaConf
 
 from pipeline import numerics, tracking
 from pipeline.tracking import git
-from pipeline.config import PARAMS_FILE, PipelineError
+from pipeline.config import PARAMS_FILE, recorded_composition
+from pipeline.errors import PipelineError, guard
 from pipeline.data_io import METRICS_FILE
 
 # How far each metric may move when only the numeric environment changes. Measured by
@@ -74,10 +75,13 @@ def expected_from_run(run_id: str) -> tuple[str, dict, dict, dict | None]:
 
 def apply_params(worktree: Path, params: dict[str, str]) -> None:
     """Writes a run's params (strings in MLflow) over the params.yaml of its commit."""
-    config = OmegaConf.load(worktree / PARAMS_FILE)
+    params_file = worktree / PARAMS_FILE
+    config = OmegaConf.load(params_file)
     for key, value in params.items():
         OmegaConf.update(config, key, None if value == "None" else yaml.safe_load(value), force_add=False)
-    (worktree / PARAMS_FILE).write_text(OmegaConf.to_yaml(config))
+    # Keep the header: it tells the `params` stage that conf/ has not changed since, so these values stand.
+    header = params_file.read_text().partition("\n")[0] if recorded_composition(params_file) else ""
+    params_file.write_text(f"{header}\n{OmegaConf.to_yaml(config)}".lstrip())
 
 
 def dvc(worktree: Path, *arguments: str) -> None:
@@ -175,11 +179,7 @@ def main() -> None:
                         help="absolute tolerance for every metric (env TOLERANCE; default: 0 in the reference's "
                              "numeric environment, CROSS_ENVIRONMENT_TOLERANCE elsewhere)")
     arguments = parser.parse_args()
-    try:
-        reproduce(arguments.rev, arguments.run, arguments.tolerance)
-    except PipelineError as error:
-        print(f"error: reproduce: {error}", file=sys.stderr)
-        sys.exit(1)
+    guard("reproduce", reproduce, arguments.rev, arguments.run, arguments.tolerance)
 
 
 if __name__ == "__main__":

@@ -17,8 +17,8 @@ import time
 import mlflow
 
 from pipeline import tracking
-from pipeline.compare import SETTINGS
-from pipeline.config import PipelineError, compose, config_hash, training_params, validate
+from pipeline.config import SETTINGS, compose, config_hash, training_params, validate
+from pipeline.errors import PipelineError, guard
 
 
 def sweep(settings: list[str], seeds: int, jobs: int, devices: list[str], force: bool) -> None:
@@ -133,14 +133,20 @@ def main() -> None:
     parser.add_argument("--force", action="store_true", default=bool(os.environ.get("FORCE")),
                         help="retrain even when a tracked run exists (env FORCE=1)")
     arguments = parser.parse_args()
-    try:
+
+    def checked_sweep() -> None:
         if arguments.seeds < 1 or arguments.jobs < 1:
-            raise PipelineError("--seeds and --jobs must be >= 1")
+            raise PipelineError("SEEDS and JOBS must be >= 1")
+        unknown = sorted(set(arguments.settings) - set(SETTINGS))
+        if unknown:
+            raise PipelineError(f"unknown setting {unknown[0]!r}; allowed: {', '.join(SETTINGS)} (conf/experiment/)")
         devices = arguments.devices.split(",") if arguments.devices else visible_gpus()
-        sweep(arguments.settings, arguments.seeds, arguments.jobs, devices, arguments.force)
-    except (PipelineError, subprocess.CalledProcessError) as error:
-        print(f"error: sweep: {error}", file=sys.stderr)
-        sys.exit(1)
+        try:
+            sweep(arguments.settings, arguments.seeds, arguments.jobs, devices, arguments.force)
+        except subprocess.CalledProcessError as error:
+            raise PipelineError(f"`{' '.join(error.cmd)}` failed (exit {error.returncode}); see its output above") from None
+
+    guard("sweep", checked_sweep, interrupted="`make sweep` again skips the settings already tracked")
 
 
 if __name__ == "__main__":

@@ -17,7 +17,7 @@ from typing import Iterator
 import mlflow
 from mlflow.exceptions import MlflowException
 
-from pipeline.config import PipelineError
+from pipeline.errors import PipelineError, guard
 from pipeline.data_io import RUN_FILE, read_json, write_json
 
 DEFAULT_EXPERIMENT = "mnist"
@@ -146,9 +146,27 @@ def log_artifacts(paths: list[Path], artifact_path: str) -> None:
     print(f"tracking: logged {len(paths)} artifacts to run {mlflow.active_run().info.run_id}", file=sys.stderr)
 
 
-if __name__ == "__main__":
-    # `python -m pipeline.tracking experiment-id`: for `make ui` to print a link to the runs table.
-    if sys.argv[1:] != ["experiment-id"]:
-        sys.exit("usage: python -m pipeline.tracking experiment-id")
+def runs_url(host: str, port: int) -> None:
+    """`make ui`, before starting the UI: checks that the port is free, prints the runs table's link."""
+    import socket
+
+    with socket.socket() as probe:
+        try:
+            probe.bind((host, port))
+        except OSError as error:
+            raise PipelineError(f"cannot serve the UI on {host}:{port} ({error.strerror}); stop what uses the "
+                                f"port (another `make ui`?) or choose another: `make ui PORT={port + 1}`") from None
     connect()
-    print(experiment_id())
+    # MLflow 3 opens an experiment on its GenAI overview; #/experiments/<id>/runs is the runs table.
+    print(f"Training runs: http://{host}:{port}/#/experiments/{experiment_id()}/runs")
+
+
+if __name__ == "__main__":
+    import argparse
+
+    parser = argparse.ArgumentParser(description="The MLflow UI's link to the training runs (`make ui`).")
+    parser.add_argument("command", choices=["runs-url"])
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=5000)
+    arguments = parser.parse_args()
+    guard("ui", runs_url, arguments.host, arguments.port)

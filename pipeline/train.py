@@ -9,22 +9,27 @@ import os
 import shutil
 import sys
 import time
+import warnings
 from pathlib import Path
 
-import keras
 import matplotlib
 import mlflow
-import mlflow.keras
 import numpy as np
 import pandas as pd
-import tensorflow as tf
 from mlflow.models import ModelSignature
 from mlflow.types import Schema, TensorSpec
 
-from pipeline import models, numerics, tracking
-from pipeline.config import (CnnConfig, DataConfig, MlpConfig, PipelineError, TrainConfig, config_hash, run_stage,
-                             training_params)
-from pipeline.data_io import (MODEL_FILE, PREPARED_DIR, REPORTS_DIR, atomic_path, load_split, read_json,
+from pipeline import tensorflow_import_notices_hidden
+
+with tensorflow_import_notices_hidden():
+    import keras
+    import mlflow.keras
+    import tensorflow as tf
+
+from pipeline import data_io, models, numerics, tracking  # noqa: E402
+from pipeline.config import CnnConfig, DataConfig, MlpConfig, TrainConfig, config_hash, run_stage, training_params
+from pipeline.errors import PipelineError
+from pipeline.data_io import (CURVES_FILE, HISTORY_FILE, MODEL_FILE, PREPARED_DIR, REPORTS_DIR, atomic_path, load_split, read_json,
                               save_figure, write_csv, write_json)
 from pipeline.models import IMAGE_SHAPE, NUM_CLASSES, build_model
 
@@ -32,8 +37,6 @@ matplotlib.use("Agg")  # no display needed: figures go to files
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
-HISTORY_FILE = REPORTS_DIR / "training_history.csv"
-CURVES_FILE = REPORTS_DIR / "training_curves.png"
 VALIDATION_BATCH_SIZE = 1024  # evaluation only: changes no update, just the speed
 CHECKPOINT_ROOT = Path(".train-checkpoints")
 CHECKPOINT_NAME = "last-epoch.keras"
@@ -164,7 +167,8 @@ def train(model_config: MlpConfig | CnnConfig, train_config: TrainConfig) -> Non
     # Each update sees batch_size samples per replica; Keras splits every global batch among them.
     global_batch_size = train_config.batch_size * strategy.num_replicas_in_sync
     steps_per_epoch = -(-len(train_labels) // global_batch_size)
-    with strategy.scope():  # variables are mirrored on every replica
+    with strategy.scope(), warnings.catch_warnings():  # variables are mirrored on every replica
+        warnings.filterwarnings("ignore", message="Model doesn't support `jit_compile=True`")  # said below
         model = build_model(model_config)
         model.compile(
             optimizer=keras.optimizers.Adam(learning_rate=train_config.learning_rate),
@@ -174,6 +178,11 @@ def train(model_config: MlpConfig | CnnConfig, train_config: TrainConfig) -> Non
             jit_compile=train_config.jit_compile,
         )
         first_epoch = resume(model, checkpoint_dir) // steps_per_epoch
+    if train_config.jit_compile and not model.jit_compile:
+        # Keras turns XLA off under op determinism (model_supports_jit in keras/src/trainers/trainer.py).
+        print("train: train.jit_compile=true is not applied: Keras disables XLA while op determinism is on",
+              file=sys.stderr)
+        tags["train.jit_compile_applied"] = "false"
     interrupted_run = read_json(checkpoint_dir / "run.json")["run_id"] if first_epoch else None
     if first_epoch:
         print(f"train: resuming after epoch {first_epoch} from {checkpoint_dir}", file=sys.stderr)
@@ -191,6 +200,7 @@ def train(model_config: MlpConfig | CnnConfig, train_config: TrainConfig) -> Non
                 (np.asarray(validation_images), np.asarray(validation_labels))).batch(VALIDATION_BATCH_SIZE),
             # Log first: after a death between the two, the epoch is redone and re-logged, not lost.
             callbacks=[EpochLogger(len(train_labels)), EpochCheckpoint(checkpoint_dir)],
+            shuffle=False,  # training_batches shuffles, per epoch, in a resumable order
             verbose=2,
         )
         mlflow.log_metric("fit_seconds", time.perf_counter() - started)
@@ -231,7 +241,10 @@ def describe_run(model_config: MlpConfig | CnnConfig, train_config: TrainConfig,
 
 
 def code_fingerprint() -> str:
-    return hashlib.sha256(b"".join(Path(module.__file__).read_bytes() for module in (sys.modules[__name__], models))).hexdigest()
+    """What else decides the weights: the code that shapes them and the exact packages."""
+    files = [Path(module.__file__) for module in (sys.modules[__name__], models, data_io)]
+    files.append(tracking.project_root() / "requirements.lock")
+    return hashlib.sha256(b"".join(path.read_bytes() for path in files if path.exists())).hexdigest()
 
 
 def write_history(run_id: str) -> None:

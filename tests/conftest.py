@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pipeline.config import compose
+from pipeline.config import write_params
 from omegaconf import OmegaConf
 
 REPO = Path(__file__).resolve().parent.parent
@@ -87,8 +87,7 @@ def make_project(destination: Path, overrides=TINY, shrink_conf: bool = False) -
             key, value = override.split("=", 1)
             OmegaConf.update(conf, key, yaml.safe_load(value))
         (destination / "conf/config.yaml").write_text(OmegaConf.to_yaml(conf))
-    composed = compose(overrides, conf_dir=destination / "conf")
-    (destination / "params.yaml").write_text(OmegaConf.to_yaml(composed))
+    write_params(list(overrides), conf_dir=destination / "conf", params_file=destination / "params.yaml")
     git(destination, "init", "-q", "-b", "main")
     git(destination, "add", "-A")
     git(destination, "commit", "-q", "-m", "test project")

@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from pipeline.config import PipelineError
+from pipeline.errors import PipelineError
 from pipeline.data_io import parse_idx
 from tests.conftest import environment, error_lines, make_project, run, written_files
 
@@ -98,7 +98,7 @@ def test_output_directory_that_cannot_be_written(prepared_project, tmp_path):
         blocked.unlink()
     assert result.returncode == 1
     [line] = error_lines(result.stderr)
-    assert line.startswith("error: evaluate: cannot write data/predictions (")
+    assert line.startswith("error: evaluate: data/predictions is in the way (")
     assert "Traceback" not in result.stderr
 
 

@@ -29,7 +29,7 @@ def tiny_sweep(tmp_path_factory, mnist_url):
     project = make_project(tmp_path_factory.mktemp("sweep"), shrink_conf=True)
     env = environment(mnist_url)
     sweep = run(project, [sys.executable, "-m", "pipeline.sweep", "--jobs", "2", "--devices", "0,1", *SWEPT], env)
-    compare = run(project, [sys.executable, "-m", "pipeline.compare"], env)
+    compare = run(project, [sys.executable, "-m", "pipeline.compare", "--force"], env)  # fewer runs than committed
     mlflow.set_tracking_uri(f"sqlite:///{project / 'mlflow.db'}")
     runs = mlflow.search_runs(experiment_names=["mnist"], output_format="list")
     return project, env, sweep, compare, {run.info.run_name: run for run in runs}

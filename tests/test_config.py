@@ -5,7 +5,8 @@ import sys
 import pytest
 from omegaconf import OmegaConf
 
-from pipeline.config import PipelineError, compose, validate
+from pipeline.config import compose, validate
+from pipeline.errors import PipelineError
 from tests.conftest import REPO, error_lines, make_project, run, written_files
 
 
@@ -57,6 +58,6 @@ def test_stage_refuses_bad_params_in_one_line_before_any_work(tmp_path, mnist_ur
     assert result.returncode == 1
     assert error_lines(result.stderr) == [
         "error: train: params.yaml: train.learning_rate must be > 0, got -1.0; "
-        "fix it in conf/ and run `make params` (or `dvc exp run -S key=value`)"]
+        "fix it in conf/ and run `dvc repro` (or `dvc exp run -S key=value`)"]
     assert "Traceback" not in result.stderr
     assert written_files(project / "models") == [] and not (project / "mlflow.db").exists()

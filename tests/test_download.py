@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from pipeline.config import PipelineError
+from pipeline.errors import PipelineError
 from pipeline.download import EXPECTED, fetch_verified, mirror_list
 from tests.conftest import TINY, environment, error_lines, make_project, mnist_source, run, written_files
 

@@ -6,6 +6,8 @@ import sys
 import mlflow
 import pytest
 
+from pipeline import numerics
+from pipeline.reproduce import CROSS_ENVIRONMENT_TOLERANCE
 from tests.conftest import environment, error_lines, git, make_project, run
 
 
@@ -16,7 +18,7 @@ def tagged_project(tmp_path_factory, mnist_url):
     env = environment(mnist_url)
     run(project, ["dvc", "repro"], env)
     git(project, "add", "-A")
-    git(project, "-c", "user.name=test", "-c", "user.email=test@example.com", "commit", "-qm", "tiny result")
+    git(project, "commit", "-qm", "tiny result")
     git(project, "tag", "v1")
     tagged_metrics = json.loads((project / "reports/metrics.json").read_text())
 
@@ -36,9 +38,10 @@ def test_reproduce_tag_matches_exactly(tagged_project):
     project, env, tagged_metrics = tagged_project
     result = reproduce(project, env, REV="v1")
     assert result.returncode == 0, result.stderr[-3000:]
+    assert "same numeric environment as the reference: the metrics must match exactly" in result.stderr
     assert "match exactly" in result.stderr
     for key, value in tagged_metrics.items():
-        assert f"{key:<18} {value!r:>22} {value!r:>22}  yes" in result.stdout
+        assert f"{key:<18} {value!r:>22} {value!r:>22} {0:>10g}  yes" in result.stdout
 
 
 def test_reproduce_run_matches_exactly(tagged_project):
@@ -81,5 +84,56 @@ def test_tampered_metrics_are_reported_as_a_mismatch(tagged_project):
         git(project, "checkout", "-q", "-f", "main")
     assert result.returncode == 1
     assert error_lines(result.stderr) == [
-        "error: reproduce: reproduction differs from tampered in test_accuracy (tolerance 0.0)"]
-    assert f"{'test_accuracy':<18} {0.99!r:>22} {tagged_metrics['test_accuracy']!r:>22}  NO" in result.stdout
+        "error: reproduce: reproduction differs from tampered in test_accuracy beyond tolerance 0.0"]
+    assert f"{'test_accuracy':<18} {0.99!r:>22} {tagged_metrics['test_accuracy']!r:>22} {0:>10g}  no" in result.stdout
+
+
+def test_another_numeric_environment_is_named_and_judged_within_tolerance(tagged_project):
+    """oneDNN off stands for another CPU: the verdict names the difference and uses the measured tolerance."""
+    project, env, tagged_metrics = tagged_project
+    result = reproduce(project, env, REV="v1", TF_ENABLE_ONEDNN_OPTS="0")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "the numeric environment differs from the reference's; bit-identity is not expected" in result.stderr
+    assert "oneDNN (TF_ENABLE_ONEDNN_OPTS): off here, on in the reference" in result.stderr
+    assert f"{'test_accuracy':<18} {tagged_metrics['test_accuracy']!r:>22}" in result.stdout
+    assert f"{CROSS_ENVIRONMENT_TOLERANCE['test_accuracy']:>10g}" in result.stdout
+    assert "metrics match exactly" in result.stderr or "metrics match within tolerance" in result.stderr
+
+
+def test_tampered_metrics_fail_across_environments_too(tagged_project):
+    project, env, tagged_metrics = tagged_project
+    git(project, "checkout", "-q", "-b", "tampered-elsewhere", "v1")
+    try:
+        wrong = {**tagged_metrics, "test_accuracy": tagged_metrics["test_accuracy"] - 0.01}
+        (project / "reports/metrics.json").write_text(json.dumps(wrong))
+        git(project, "commit", "-qm", "tamper", "--", "reports/metrics.json")
+        result = reproduce(project, env, REV="tampered-elsewhere", TF_ENABLE_ONEDNN_OPTS="0")
+    finally:
+        git(project, "checkout", "-q", "-f", "main")
+    assert result.returncode == 1
+    assert error_lines(result.stderr) == [
+        "error: reproduce: reproduction differs from tampered-elsewhere in test_accuracy beyond their tolerance"]
+
+
+def test_reference_without_numeric_environment_is_treated_as_unknown(tagged_project):
+    """A commit from before results carried their fingerprint: said so, then judged within tolerance."""
+    project, env, _ = tagged_project
+    git(project, "checkout", "-q", "-b", "old-style", "v1")
+    try:
+        git(project, "rm", "-q", "reports/numerics.json")
+        git(project, "commit", "-qm", "a result without its numeric environment")
+        result = reproduce(project, env, REV="old-style")
+    finally:
+        git(project, "checkout", "-q", "-f", "main")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert ("the reference records no numeric environment (reports/numerics.json is missing, made by an older "
+            "version): treated as a different one") in result.stderr
+
+
+def test_run_tags_and_committed_file_hold_the_numeric_environment(tagged_project):
+    project, _, _ = tagged_project
+    committed = json.loads(git(project, "show", "v1:reports/numerics.json"))
+    assert committed["cpu.isa"] and committed["onednn"] == "on" and committed["tensorflow.version"]
+    [tagged_run] = mlflow.search_runs(experiment_names=["mnist"], output_format="list",
+                                      filter_string="params.`train.learning_rate` = '0.001'")
+    assert numerics.from_tags(tagged_run.data.tags) == committed

@@ -1,0 +1,51 @@
+"""The one error path of every entry point (stages, params, sweep, compare, reproduce).
+
+What the user can fix (PipelineError: bad params, a missing upstream output, an unreachable store;
+OSError: the filesystem refused) is one `error: <command>: <what and the fix>` line and exit 1.
+Ctrl-C or SIGTERM is one line and exit 130. Anything else is a bug and keeps its traceback.
+PIPELINE_DEBUG=1 adds the traceback to the one-line errors too.
+"""
+
+import os
+import signal
+import sys
+import traceback
+from typing import Any, Callable
+
+
+class PipelineError(Exception):
+    """A problem the user can fix; reported as one line, without a traceback."""
+
+
+def guard(command: str, function: Callable[..., Any], *arguments: Any, interrupted: str = "run it again") -> None:
+    """Runs function(*arguments) as the command named `command`, reporting what the user can fix."""
+    # SIGTERM (a `kill`, a CI timeout) unwinds like Ctrl-C: open MLflow runs get closed.
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
+    try:
+        function(*arguments)
+    except PipelineError as error:
+        fail(command, str(error))
+    except OSError as error:
+        fail(command, describe_os_error(error))
+    except KeyboardInterrupt:
+        fail(command, f"interrupted; {interrupted}", exit_code=130)
+
+
+def describe_os_error(error: OSError) -> str:
+    """The filesystem's refusal, named by the path and what is wrong with it."""
+    path = error.filename or "a file"
+    reason = error.strerror or str(error)
+    if isinstance(error, FileNotFoundError):
+        return f"{path} not found ({reason}); check the path, or run `dvc repro` to produce it"
+    if isinstance(error, PermissionError):
+        return f"no permission to use {path} ({reason}); check its owner and mode"
+    if isinstance(error, (FileExistsError, NotADirectoryError, IsADirectoryError)):
+        return f"{path} is in the way ({reason}); a file stands where a folder is needed, or the reverse"
+    return f"cannot use {path} ({reason})"
+
+
+def fail(command: str, message: str, exit_code: int = 1) -> None:
+    if os.environ.get("PIPELINE_DEBUG"):
+        traceback.print_exc()
+    print(f"error: {command}: {message}", file=sys.stderr)
+    sys.exit(exit_code)

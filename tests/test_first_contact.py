@@ -1,0 +1,101 @@
+"""First contact: each command a new user types does what it says, or fails in one line that says why."""
+
+import json
+import socket
+import subprocess
+import sys
+
+import pytest
+
+from tests.conftest import REPO, environment, error_lines, make_project, run
+
+# The project copies have no .venv of their own: the tests' interpreter stands in for it.
+MAKE = ["make", "--no-print-directory", "-o", ".venv/.installed"]
+
+
+@pytest.mark.slow
+def test_dvc_repro_after_a_conf_edit_runs_with_the_edited_value(tmp_path, mnist_url):
+    project = make_project(tmp_path)  # params.yaml from conf/ with the tiny overrides recorded
+    env = environment(mnist_url)
+    run(project, ["dvc", "repro", "preprocess"], env)
+    conf = project / "conf/config.yaml"
+    conf.write_text(conf.read_text().replace("split_seed: 0", "split_seed: 1"))
+
+    status = run(project, ["dvc", "status"], env).stdout
+    assert "params:" in status and "modified:" in status and "conf" in status, status
+    result = run(project, ["dvc", "repro", "preprocess"], env)
+    assert ("params: conf/ changed; recomposed params.yaml with data.limit=300 train.epochs=1: "
+            "data.split_seed: 0 -> 1") in result.stderr
+    assert "Running stage 'preprocess'" in result.stdout
+    manifest = json.loads((project / "data/prepared/manifest.json").read_text())
+    assert manifest["config"]["split_seed"] == 1 and manifest["config"]["limit"] == 300  # overrides kept
+    again = run(project, ["dvc", "repro", "preprocess"], env)
+    assert "Running stage" not in again.stdout
+
+
+def test_params_that_disagree_with_conf_and_record_nothing_stop_dvc_repro(tmp_path, mnist_url):
+    """As `dvc exp apply` leaves params.yaml: neither conf/ nor params.yaml wins silently."""
+    project = make_project(tmp_path)
+    params = project / "params.yaml"
+    params.write_text(params.read_text().partition("\n")[2])  # without the header make params writes
+    result = run(project, ["dvc", "repro"], environment(mnist_url), check=False)
+    assert result.returncode != 0
+    [line] = error_lines(result.stderr)
+    assert line.startswith("error: params: params.yaml differs from conf/ (data.limit is 300 there, None in conf/; "
+                           "train.epochs is 1 there, 5 in conf/) and does not record how it was composed")
+    assert "Traceback" not in result.stderr
+    assert not (project / "data/raw").exists()
+
+
+@pytest.mark.parametrize("override, message", [
+    ("train.epoch=3", "unknown key 'train.epoch'; allowed in train: learning_rate, batch_size, epochs,"),
+    ("model=resnet", "Could not find 'model/resnet'"),
+    ("train.epochs=[", "no viable alternative at input '['"),
+    ("train.epochs=0", "train.epochs must be >= 1, got 0"),
+])
+def test_make_params_refuses_a_bad_override_in_one_line(tmp_path, mnist_url, override, message):
+    project = make_project(tmp_path)
+    before = (project / "params.yaml").read_bytes()
+    result = run(project, [*MAKE, "params", f"OVERRIDES={override}"], environment(mnist_url), check=False)
+    assert result.returncode != 0
+    [line] = error_lines(result.stderr)
+    assert line.startswith("error: params: ") and message in line, line
+    assert "Traceback" not in result.stderr
+    assert (project / "params.yaml").read_bytes() == before
+
+
+def test_make_ui_on_a_busy_port_fails_in_one_line(mnist_url):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = subprocess.run([*MAKE, "ui", f"PORT={port}"], cwd=REPO, env=environment(mnist_url),
+                                capture_output=True, text=True, timeout=120)
+    assert result.returncode != 0
+    assert error_lines(result.stderr) == [
+        f"error: ui: cannot serve the UI on 127.0.0.1:{port} (Address already in use); stop what uses the port "
+        f"(another `make ui`?) or choose another: `make ui PORT={port + 1}`"]
+
+
+def test_compare_never_replaces_the_committed_table_with_a_poorer_one(tmp_path, mnist_url):
+    project = make_project(tmp_path)  # the committed README and reports/comparison.*, an empty store
+    kept = [project / "README.md", *sorted((project / "reports").glob("comparison*"))]
+    before = {path: path.read_bytes() for path in kept}
+    result = run(project, [sys.executable, "-m", "pipeline.compare"], environment(mnist_url), check=False)
+    assert result.returncode == 1
+    [line] = error_lines(result.stderr)
+    assert "holds fewer runs than reports/comparison.csv for default (0 of 3 runs)" in line
+    assert "`make sweep SEEDS=3`" in line and "`make compare FORCE=1`" in line
+    assert {path: path.read_bytes() for path in kept} == before
+
+
+@pytest.mark.slow
+def test_a_cpu_run_speaks_to_people(pipeline_run):
+    """No CUDA probing errors, C++ or MLflow notices, or ignored-argument warnings; then where results are."""
+    _, _, result = pipeline_run
+    output = result.stdout + result.stderr
+    for noise in ("cuInit", "E0000", "oneDNN custom operations", "absl::InitializeLog", "was passed, but will be ignored",
+                  "INFO mlflow", "alembic"):
+        assert noise not in output, f"{noise!r} in the output of `dvc repro`"
+    assert "Results: test accuracy" in result.stderr and "reports/metrics.json" in result.stderr
+    assert "reports/error_analysis/misclassified.png" in result.stderr and "`make ui`" in result.stderr
