@@ -52,14 +52,14 @@ def make_project(destination: Path) -> Path:
 
 
 def machine() -> str:
-    import tensorflow as tf
+    sys.path.insert(0, str(REPO))
+    from pipeline.numerics import fingerprint
 
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), platform.processor())
-    build = "CUDA" if tf.test.is_built_with_cuda() else "CPU"
-    gpus = tf.config.list_physical_devices("GPU")
-    return (f"{cpu}, {os.cpu_count()} cores; TensorFlow {tf.__version__} ({build} build), "
-            f"{'GPU: ' + str(len(gpus)) if gpus else 'no GPU used'}; Python {platform.python_version()}")
+    numeric = fingerprint()
+    return (f"{numeric['cpu.model_name']} ({numeric['cpu.family_model_stepping']}; {numeric['cpu.isa']}), "
+            f"{numeric['cpu.cores']} cores; TensorFlow {numeric['tensorflow.version']} "
+            f"({numeric['tensorflow.build']} build), {'GPU: ' + numeric['gpu'] if 'gpu' in numeric else 'no GPU used'}; "
+            f"Python {platform.python_version()}")
 
 
 def summary(values: list[float]) -> str:

@@ -16,18 +16,15 @@ import sys
 import tempfile
 from pathlib import Path
 
-import matplotlib
 import mlflow
 import numpy as np
 import pandas as pd
 
 from pipeline import tracking
-from pipeline.config import SETTINGS, compose, config_hash, training_params, validate
-from pipeline.data_io import REPORTS_DIR, atomic_write_text, save_figure, write_csv
+from pipeline.config import SETTINGS, training_hash
+from pipeline.data_io import REPORTS_DIR, atomic_write_text, pyplot, save_figure, write_csv
 from pipeline.errors import PipelineError, guard
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
 
 # The source article's figures for its MLP, claimed as measured MNIST test accuracy.
 CLAIMED_ACCURACY = {"default": 0.9923, "lr_x10": 0.9912, "batch_x10": 0.9911, "epochs_x10": 0.9935}
@@ -41,7 +38,7 @@ README_BEGIN, README_END = "<!-- comparison:begin -->", "<!-- comparison:end -->
 
 def setting_runs() -> dict[str, list[mlflow.entities.Run]]:
     """{setting: its latest finished, evaluated run per seed}."""
-    hashes = {config_hash(training_params(validate(compose([f"+experiment={name}"]))), ignore=("train.seed",)): name
+    hashes = {training_hash([f"+experiment={name}"], without_seed=True): name
               for name in SETTINGS}
     runs = mlflow.search_runs(experiment_ids=[tracking.experiment_id()], output_format="list",
                               filter_string="attributes.status = 'FINISHED' and metrics.test_accuracy >= 0",
@@ -121,7 +118,7 @@ def markdown(summary: pd.DataFrame, per_class: pd.DataFrame) -> str:
 
 def plot(runs_by_setting: dict, summary: pd.DataFrame) -> None:
     client = mlflow.MlflowClient()
-    figure, (curves, bars) = plt.subplots(1, 2, figsize=(12, 4.5))
+    figure, (curves, bars) = pyplot().subplots(1, 2, figsize=(12, 4.5))
     for setting, runs in runs_by_setting.items():
         histories = [[point.value for point in sorted(client.get_metric_history(run.info.run_id, "val_accuracy"),
                                                        key=lambda point: point.step)] for run in runs]

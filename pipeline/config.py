@@ -223,6 +223,11 @@ def training_params(sections: dict[str, Any]) -> dict[str, Any]:
     return flatten({name: sections[name] for name in ("data", "model", "train")})
 
 
+def training_hash(overrides: list[str], without_seed: bool = False) -> str:
+    """The `config.hash` (or `config.hash_without_seed`) tag a training of conf/ plus overrides gets."""
+    return config_hash(training_params(validate(compose(overrides))), ignore=("train.seed",) if without_seed else ())
+
+
 def compose(overrides: list[str] = (), conf_dir: Path = CONF_DIR) -> DictConfig:
     """Composes conf/ exactly as `dvc exp run` does (dvc.utils.hydra.compose_and_dump)."""
     from hydra import compose as hydra_compose

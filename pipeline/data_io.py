@@ -26,7 +26,12 @@ METRICS_FILE = REPORTS_DIR / "metrics.json"
 HISTORY_FILE = REPORTS_DIR / "training_history.csv"
 CURVES_FILE = REPORTS_DIR / "training_curves.png"
 
+MANIFEST_FILE = PREPARED_DIR / "manifest.json"
+
 SPLITS = ("train", "validation", "test")
+IMAGE_SHAPE = (28, 28)
+DIGITS = list(range(10))  # the classes
+NUM_CLASSES = len(DIGITS)
 IDX_FILES = {
     "train_images": "train-images-idx3-ubyte",
     "train_labels": "train-labels-idx1-ubyte",
@@ -116,10 +121,19 @@ def write_csv(destination: Path, table, index: bool = False) -> None:
         table.to_csv(temporary, index=index)
 
 
-def save_figure(figure, destination: Path) -> None:
-    """Saves a matplotlib figure as PNG, atomically, and frees it."""
+def pyplot():
+    """matplotlib's pyplot on the Agg backend: no display needed, figures go to files."""
+    import matplotlib
+
+    matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    return plt
+
+
+def save_figure(figure, destination: Path) -> None:
+    """Saves a matplotlib figure as PNG, atomically, and frees it."""
+    plt = pyplot()
     figure.tight_layout()
     with atomic_path(destination) as temporary:
         figure.savefig(temporary, dpi=100)

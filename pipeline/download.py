@@ -72,9 +72,13 @@ def fetch_from_mirror(name: str, mirror: str, timeout_seconds: float) -> bytes:
         url = urllib.parse.urljoin(mirror, candidate)
         try:
             payload = read_url(url, timeout_seconds, limit=expected_size + 1)
-        except (urllib.error.HTTPError, FileNotFoundError) as error:
-            if getattr(error, "code", 404) == 404:
+        except urllib.error.HTTPError as error:
+            if error.code == 404:
                 continue  # try the plain file, or the next mirror
+            raise
+        except urllib.error.URLError as error:
+            if isinstance(error.reason, FileNotFoundError):  # a file:// mirror without this name
+                continue
             raise
         return verify(name, payload, url)
     raise PipelineError(f"neither {name}.gz nor {name} found")

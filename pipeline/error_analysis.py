@@ -5,7 +5,6 @@ Reads the test probabilities evaluate wrote, so it needs no TensorFlow.
 
 import sys
 
-import matplotlib
 import numpy as np
 import pandas as pd
 from sklearn.metrics import ConfusionMatrixDisplay, confusion_matrix
@@ -13,10 +12,9 @@ from sklearn.metrics import ConfusionMatrixDisplay, confusion_matrix
 from pipeline import tracking
 from pipeline.config import ErrorAnalysisConfig, run_stage
 from pipeline.errors import PipelineError
-from pipeline.data_io import CURVES_FILE, METRICS_FILE, PREDICTIONS_FILE, REPORTS_DIR, load_array, load_split, save_figure, write_csv
+from pipeline.data_io import (CURVES_FILE, DIGITS, METRICS_FILE, NUM_CLASSES, PREDICTIONS_FILE, REPORTS_DIR, load_array,
+                              load_split, pyplot, save_figure, write_csv)
 
-matplotlib.use("Agg")  # no display needed: figures go to files
-import matplotlib.pyplot as plt  # noqa: E402
 
 OUTPUT_DIR = REPORTS_DIR / "error_analysis"
 PER_CLASS_FILE = OUTPUT_DIR / "per_class.csv"
@@ -25,7 +23,6 @@ CONFUSION_PNG = OUTPUT_DIR / "confusion_matrix.png"
 PREDICTIONS_CSV = OUTPUT_DIR / "predictions.csv"
 PAIRS_FILE = OUTPUT_DIR / "confused_pairs.csv"
 GALLERY_FILE = OUTPUT_DIR / "misclassified.png"
-DIGITS = list(range(10))
 
 
 def error_analysis(config: ErrorAnalysisConfig) -> None:
@@ -45,7 +42,7 @@ def error_analysis(config: ErrorAnalysisConfig) -> None:
         "digit": DIGITS,
         "support": support,
         "correct": correct,
-        "accuracy": np.divide(correct, support, out=np.zeros(10), where=support > 0),
+        "accuracy": np.divide(correct, support, out=np.zeros(NUM_CLASSES), where=support > 0),
     })
     per_class["error_rate"] = 1 - per_class.accuracy
     write_csv(PER_CLASS_FILE, per_class)
@@ -81,7 +78,7 @@ def confused_pairs(matrix: np.ndarray, top: int) -> pd.DataFrame:
 
 
 def plot_confusion_matrix(matrix: np.ndarray) -> None:
-    figure, axes = plt.subplots(figsize=(7, 6))
+    figure, axes = pyplot().subplots(figsize=(7, 6))
     ConfusionMatrixDisplay(matrix, display_labels=DIGITS).plot(ax=axes, cmap="Blues", colorbar=False)
     axes.set_title("Confusion matrix, test set")
     save_figure(figure, CONFUSION_PNG)
@@ -94,7 +91,7 @@ def plot_gallery(images: np.ndarray, labels: np.ndarray, predictions: np.ndarray
     wrong = wrong[np.argsort(-confidences[wrong], kind="stable")][:size]
     columns = 6
     rows = max(1, -(-len(wrong) // columns))
-    figure, grid = plt.subplots(rows, columns, figsize=(columns * 1.6, rows * 1.9), squeeze=False)
+    figure, grid = pyplot().subplots(rows, columns, figsize=(columns * 1.6, rows * 1.9), squeeze=False)
     for axes in grid.flat:
         axes.axis("off")
     for axes, index in zip(grid.flat, wrong):

@@ -17,11 +17,10 @@ with tensorflow_import_notices_hidden():
     import keras
 from pipeline.config import PARAMS_FILE, EvaluateConfig, run_stage
 from pipeline.errors import PipelineError
-from pipeline.data_io import (METRICS_FILE, MODEL_FILE, PREDICTIONS_FILE, REPORTS_DIR, load_split, require, save_array,
+from pipeline.data_io import (DIGITS, METRICS_FILE, MODEL_FILE, PREDICTIONS_FILE, REPORTS_DIR, load_split, require, save_array,
                               write_json)
 
 REPORT_FILE = REPORTS_DIR / "classification_report.json"
-DIGITS = list(range(10))
 
 
 def evaluate(config: EvaluateConfig) -> None:

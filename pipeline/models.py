@@ -8,9 +8,7 @@ import keras
 from keras import layers
 
 from pipeline.config import CnnConfig, MlpConfig
-
-NUM_CLASSES = 10
-IMAGE_SHAPE = (28, 28)
+from pipeline.data_io import IMAGE_SHAPE, NUM_CLASSES
 
 
 def build_model(config: MlpConfig | CnnConfig) -> keras.Model:

@@ -12,15 +12,14 @@ import numpy as np
 
 from pipeline.config import DataConfig, run_stage
 from pipeline.errors import PipelineError
-from pipeline.data_io import IDX_FILES, PREPARED_DIR, RAW_DIR, SPLITS, parse_idx, require, save_array, write_json
-
-MANIFEST_FILE = PREPARED_DIR / "manifest.json"
+from pipeline.data_io import (IDX_FILES, IMAGE_SHAPE, MANIFEST_FILE, NUM_CLASSES, PREPARED_DIR, RAW_DIR, SPLITS, parse_idx,
+                              require, save_array, write_json)
 
 
 def preprocess(config: DataConfig) -> None:
     raw = {key: parse_idx(require(RAW_DIR / name).read_bytes(), name) for key, name in IDX_FILES.items()}
     for images, labels in (("train_images", "train_labels"), ("test_images", "test_labels")):
-        if raw[images].shape[0] != raw[labels].shape[0] or raw[images].shape[1:] != (28, 28):
+        if raw[images].shape[0] != raw[labels].shape[0] or raw[images].shape[1:] != IMAGE_SHAPE:
             raise PipelineError(f"{IDX_FILES[images]} has shape {raw[images].shape} but "
                                 f"{IDX_FILES[labels]} has {raw[labels].shape[0]} labels; expected n x 28 x 28")
 
@@ -42,7 +41,7 @@ def preprocess(config: DataConfig) -> None:
         digest.update(images.tobytes())
         digest.update(labels.tobytes())
         manifest["splits"][split] = {"count": int(len(labels)),
-                                     "label_counts": np.bincount(labels, minlength=10).tolist()}
+                                     "label_counts": np.bincount(labels, minlength=NUM_CLASSES).tolist()}
     # One hash of everything the model sees: MLflow runs carry it as lineage.
     manifest["data_hash"] = digest.hexdigest()
     write_json(MANIFEST_FILE, manifest)

@@ -17,7 +17,7 @@ import time
 import mlflow
 
 from pipeline import tracking
-from pipeline.config import SETTINGS, compose, config_hash, training_params, validate
+from pipeline.config import SETTINGS, training_hash
 from pipeline.errors import PipelineError, guard
 
 
@@ -31,8 +31,8 @@ def sweep(settings: list[str], seeds: int, jobs: int, devices: list[str], force:
         for seed in range(seeds):
             name = f"{setting}-seed{seed}"
             overrides = [f"+experiment={setting}", f"train.seed={seed}"]
-            hash_ = config_hash(training_params(validate(compose(overrides))))
-            existing = tracked_run(hash_, commit) if code_is_clean and not force else None
+            hash_ = training_hash(overrides)
+            existing = tracked_run_id(hash_, commit) if code_is_clean and not force else None
             if existing:
                 print(f"sweep: {name} already tracked as run {existing} (same config and commit); "
                       "skipping (FORCE=1 to retrain)", file=sys.stderr)
@@ -57,8 +57,8 @@ def sweep(settings: list[str], seeds: int, jobs: int, devices: list[str], force:
     # executing it: such an experiment logs nothing new, and its earlier run stands for it.
     missing = []
     for name, hash_ in queued.items():
-        new = tracked_run(hash_, commit=None, sweep=sweep_id)
-        earlier = new or tracked_run(hash_, commit=None)
+        new = tracked_run_id(hash_, commit=None, sweep=sweep_id)
+        earlier = new or tracked_run_id(hash_, commit=None)
         if not earlier:
             missing.append(name)
         elif not new:
@@ -109,7 +109,7 @@ def visible_gpus() -> list[str]:
     return listed.split()
 
 
-def tracked_run(hash_: str, commit: str | None, sweep: str | None = None) -> str | None:
+def tracked_run_id(hash_: str, commit: str | None, sweep: str | None = None) -> str | None:
     """The newest finished, evaluated run with this config hash (from this clean commit, or sweep)."""
     conditions = [f"tags.`config.hash` = '{hash_}'", "attributes.status = 'FINISHED'", "metrics.test_accuracy >= 0"]
     if commit:

@@ -36,10 +36,15 @@ def tracking_uri() -> str:
     return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{project_root() / 'mlflow.db'}"
 
 
+def is_server(uri: str) -> bool:
+    """A tracking server (it chooses where artifacts go), rather than a local store."""
+    return uri.startswith(("http://", "https://"))
+
+
 def connect() -> str:
     """Points MLflow at the store, failing fast (not after minutes of retries) on a dead server."""
     uri = tracking_uri()
-    if uri.startswith(("http://", "https://")):
+    if is_server(uri):
         try:
             urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=SERVER_TIMEOUT_SECONDS).close()
         except OSError as error:
@@ -56,7 +61,7 @@ def experiment_id() -> str:
     if experiment is not None:
         return experiment.experiment_id
     # A local store keeps artifacts beside mlflow.db; a server chooses (and proxies) its own.
-    location = None if tracking_uri().startswith("http") else (project_root() / "mlartifacts").as_uri()
+    location = None if is_server(tracking_uri()) else (project_root() / "mlartifacts").as_uri()
     try:
         return mlflow.create_experiment(name, artifact_location=location)
     except MlflowException:  # a concurrent queue worker created it first

@@ -12,7 +12,6 @@ import time
 import warnings
 from pathlib import Path
 
-import matplotlib
 import mlflow
 import numpy as np
 import pandas as pd
@@ -29,13 +28,9 @@ with tensorflow_import_notices_hidden():
 from pipeline import data_io, models, numerics, tracking  # noqa: E402
 from pipeline.config import CnnConfig, DataConfig, MlpConfig, TrainConfig, config_hash, run_stage, training_params
 from pipeline.errors import PipelineError
-from pipeline.data_io import (CURVES_FILE, HISTORY_FILE, MODEL_FILE, PREPARED_DIR, REPORTS_DIR, atomic_path, load_split, read_json,
-                              save_figure, write_csv, write_json)
-from pipeline.models import IMAGE_SHAPE, NUM_CLASSES, build_model
-
-matplotlib.use("Agg")  # no display needed: figures go to files
-import matplotlib.pyplot as plt  # noqa: E402
-from matplotlib.ticker import MaxNLocator  # noqa: E402
+from pipeline.data_io import (CURVES_FILE, HISTORY_FILE, IMAGE_SHAPE, MANIFEST_FILE, MODEL_FILE, NUM_CLASSES, atomic_path,
+                              load_split, pyplot, read_json, save_figure, write_csv, write_json)
+from pipeline.models import build_model
 
 VALIDATION_BATCH_SIZE = 1024  # evaluation only: changes no update, just the speed
 CHECKPOINT_ROOT = Path(".train-checkpoints")
@@ -91,7 +86,7 @@ def resume(model: keras.Model, directory: Path) -> int:
     saved = keras.models.load_model(checkpoint, safe_mode=True)
     model.set_weights(saved.get_weights())
     model.optimizer.build(model.trainable_variables)
-    for variable, value in zip(model.optimizer.variables, saved.optimizer.variables):
+    for variable, value in zip(model.optimizer.variables, saved.optimizer.variables, strict=True):
         variable.assign(value)
     return int(saved.optimizer.iterations.numpy())  # optimizer steps: epochs x steps per epoch
 
@@ -142,24 +137,13 @@ def steps_per_call(steps_per_epoch: int, steps_per_execution: int) -> int:
 
 
 def train(model_config: MlpConfig | CnnConfig, train_config: TrainConfig) -> None:
-    strategy = distribution_strategy(train_config)
-    keras.utils.set_random_seed(train_config.seed)
-    tf.config.experimental.enable_op_determinism()
-    if train_config.mixed_precision:
-        keras.mixed_precision.set_global_policy("mixed_float16")
-
+    strategy = set_up(train_config)
     train_images, train_labels = load_split("train")
     validation_images, validation_labels = load_split("validation")
-    manifest = read_json(PREPARED_DIR / "manifest.json")
-
+    manifest = read_json(MANIFEST_FILE)
     # The data section comes from the manifest: it is what preprocess actually used.
-    data_config = DataConfig(**manifest["config"])
-    params = training_params({"data": data_config, "model": model_config, "train": train_config})
-    run_name, tags = describe_run(model_config, train_config, params, manifest["data_hash"])
-    tags["train.replicas_in_sync"] = str(strategy.num_replicas_in_sync)
-    # What decides the weights' last bits (CPU ISA, threads, oneDNN, GPU): `make reproduce` reads it.
-    numeric_environment = numerics.fingerprint()
-    tags.update(numerics.as_tags(numeric_environment))
+    params = training_params({"data": DataConfig(**manifest["config"]), "model": model_config, "train": train_config})
+    run_name, tags = describe_run(model_config, train_config, params, manifest["data_hash"], strategy)
     # A killed run leaves its last completed epoch here; the same config, data and code resume it.
     checkpoint_dir = CHECKPOINT_ROOT / config_hash({**params, "data.hash": manifest["data_hash"],
                                                     "code": code_fingerprint()})
@@ -167,22 +151,8 @@ def train(model_config: MlpConfig | CnnConfig, train_config: TrainConfig) -> Non
     # Each update sees batch_size samples per replica; Keras splits every global batch among them.
     global_batch_size = train_config.batch_size * strategy.num_replicas_in_sync
     steps_per_epoch = -(-len(train_labels) // global_batch_size)
-    with strategy.scope(), warnings.catch_warnings():  # variables are mirrored on every replica
-        warnings.filterwarnings("ignore", message="Model doesn't support `jit_compile=True`")  # said below
-        model = build_model(model_config)
-        model.compile(
-            optimizer=keras.optimizers.Adam(learning_rate=train_config.learning_rate),
-            loss="sparse_categorical_crossentropy",
-            metrics=["accuracy"],
-            steps_per_execution=steps_per_call(steps_per_epoch, train_config.steps_per_execution),
-            jit_compile=train_config.jit_compile,
-        )
-        first_epoch = resume(model, checkpoint_dir) // steps_per_epoch
-    if train_config.jit_compile and not model.jit_compile:
-        # Keras turns XLA off under op determinism (model_supports_jit in keras/src/trainers/trainer.py).
-        print("train: train.jit_compile=true is not applied: Keras disables XLA while op determinism is on",
-              file=sys.stderr)
-        tags["train.jit_compile_applied"] = "false"
+    model = build_compiled_model(model_config, train_config, strategy, steps_per_epoch, tags)
+    first_epoch = resume(model, checkpoint_dir) // steps_per_epoch
     interrupted_run = read_json(checkpoint_dir / "run.json")["run_id"] if first_epoch else None
     if first_epoch:
         print(f"train: resuming after epoch {first_epoch} from {checkpoint_dir}", file=sys.stderr)
@@ -204,21 +174,58 @@ def train(model_config: MlpConfig | CnnConfig, train_config: TrainConfig) -> Non
             verbose=2,
         )
         mlflow.log_metric("fit_seconds", time.perf_counter() - started)
-
-        with atomic_path(MODEL_FILE) as temporary:
-            model.save(temporary)
-        write_json(numerics.NUMERICS_FILE, numeric_environment)
-        # Explicit requirements: inferring them costs seconds and adds nothing here.
-        mlflow.keras.log_model(model, name="model", signature=SIGNATURE,
-                               pip_requirements=[f"tensorflow=={tf.__version__}", f"keras=={keras.__version__}"])
+        save_and_log_model(model, tags)
         # The run's metric history spans every attempt of a resumed training.
         write_history(run.info.run_id)
         tracking.log_artifacts([HISTORY_FILE, CURVES_FILE], "training")
     shutil.rmtree(checkpoint_dir, ignore_errors=True)
 
 
+def set_up(config: TrainConfig) -> tf.distribute.Strategy:
+    """Devices, seeds, op determinism and precision: everything before the first variable exists."""
+    strategy = distribution_strategy(config)
+    keras.utils.set_random_seed(config.seed)
+    tf.config.experimental.enable_op_determinism()
+    if config.mixed_precision:
+        keras.mixed_precision.set_global_policy("mixed_float16")
+    gpus = tf.config.list_physical_devices("GPU")
+    print(f"train: on {len(gpus)} GPU(s), {strategy.num_replicas_in_sync} replica(s)" if gpus else
+          f"train: on the CPU ({os.cpu_count()} cores; TensorFlow sees no GPU)", file=sys.stderr)
+    return strategy
+
+
+def build_compiled_model(model_config: MlpConfig | CnnConfig, train_config: TrainConfig, strategy: tf.distribute.Strategy,
+                         steps_per_epoch: int, tags: dict[str, str]) -> keras.Model:
+    with strategy.scope(), warnings.catch_warnings():  # variables are mirrored on every replica
+        warnings.filterwarnings("ignore", message="Model doesn't support `jit_compile=True`")  # said below
+        model = build_model(model_config)
+        model.compile(
+            optimizer=keras.optimizers.Adam(learning_rate=train_config.learning_rate),
+            loss="sparse_categorical_crossentropy",
+            metrics=["accuracy"],
+            steps_per_execution=steps_per_call(steps_per_epoch, train_config.steps_per_execution),
+            jit_compile=train_config.jit_compile,
+        )
+    if train_config.jit_compile and not model.jit_compile:
+        # Keras turns XLA off under op determinism (model_supports_jit in keras/src/trainers/trainer.py).
+        print("train: train.jit_compile=true is not applied: Keras disables XLA while op determinism is on",
+              file=sys.stderr)
+        tags["train.jit_compile_applied"] = "false"
+    return model
+
+
+def save_and_log_model(model: keras.Model, tags: dict[str, str]) -> None:
+    """models/model.keras, its numeric environment (reports/numerics.json), and the model in MLflow."""
+    with atomic_path(MODEL_FILE) as temporary:
+        model.save(temporary)
+    write_json(numerics.NUMERICS_FILE, numerics.from_tags(tags))
+    # Explicit requirements: inferring them costs seconds and adds nothing here.
+    mlflow.keras.log_model(model, name="model", signature=SIGNATURE,
+                           pip_requirements=[f"tensorflow=={tf.__version__}", f"keras=={keras.__version__}"])
+
+
 def describe_run(model_config: MlpConfig | CnnConfig, train_config: TrainConfig, params: dict,
-                 data_hash: str) -> tuple[str, dict[str, str]]:
+                 data_hash: str, strategy: tf.distribute.Strategy) -> tuple[str, dict[str, str]]:
     """The run's name and its tags: what it was trained on, with what, and where."""
     gpus = tf.config.list_physical_devices("GPU")
     tags = {
@@ -228,6 +235,9 @@ def describe_run(model_config: MlpConfig | CnnConfig, train_config: TrainConfig,
         "config.hash_without_seed": config_hash(params, ignore=("train.seed",)),
         "model.name": model_config.name,
         "tensorflow.device": "GPU" if gpus else "CPU",
+        "train.replicas_in_sync": str(strategy.num_replicas_in_sync),
+        # What decides the weights' last bits (CPU ISA, threads, oneDNN, GPU): `make reproduce` reads it.
+        **numerics.as_tags(numerics.fingerprint()),
     }
     if "CUDA_VISIBLE_DEVICES" in os.environ:  # set per queue worker by `make sweep`
         tags["env.cuda_visible_devices"] = os.environ["CUDA_VISIBLE_DEVICES"]
@@ -256,7 +266,9 @@ def write_history(run_id: str) -> None:
     }).sort_index().rename_axis("epoch").reset_index()
     write_csv(HISTORY_FILE, table)
 
-    figure, (loss_axes, accuracy_axes) = plt.subplots(1, 2, figsize=(10, 4))
+    from matplotlib.ticker import MaxNLocator
+
+    figure, (loss_axes, accuracy_axes) = pyplot().subplots(1, 2, figsize=(10, 4))
     for axes, metric in ((loss_axes, "loss"), (accuracy_axes, "accuracy")):
         axes.plot(table.epoch, table[metric], marker="o", label="training")
         axes.plot(table.epoch, table[f"val_{metric}"], marker="o", label="validation")

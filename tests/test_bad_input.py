@@ -10,7 +10,7 @@ import pytest
 
 from pipeline.errors import PipelineError
 from pipeline.data_io import parse_idx
-from tests.conftest import environment, error_lines, make_project, run, written_files
+from tests.helpers import environment, error_lines, make_project, run, written_files
 
 
 def idx_images(count: int, rows: int = 28, columns: int = 28, magic: int = 0x803) -> bytes:
@@ -53,6 +53,7 @@ def test_missing_upstream_output(tmp_path, mnist_url):
         {path: content for path, content in before.items() if ".git/" not in str(path)}
 
 
+@pytest.mark.slow
 def test_corrupted_model_file(prepared_project):
     project, env = prepared_project
     (project / "models").mkdir(exist_ok=True)
@@ -70,6 +71,7 @@ def test_corrupted_model_file(prepared_project):
     assert not (project / "data/predictions").exists()
 
 
+@pytest.mark.slow
 def test_idx_file_with_wrong_magic_number(prepared_project):
     project, env = prepared_project
     raw = project / "data/raw/t10k-labels-idx1-ubyte"
@@ -85,6 +87,7 @@ def test_idx_file_with_wrong_magic_number(prepared_project):
     assert line.startswith("error: preprocess: t10k-labels-idx1-ubyte: wrong IDX magic number 0x00000999")
 
 
+@pytest.mark.slow
 def test_output_directory_that_cannot_be_written(prepared_project, tmp_path):
     project, env = prepared_project
     blocked = project / "data/predictions"
@@ -129,6 +132,7 @@ def silent_server():
     listener.close()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("server", ["silent", "refused"])
 def test_unreachable_tracking_server_fails_fast(prepared_project, silent_server, server):
     project, env = prepared_project

@@ -5,7 +5,6 @@ import os
 import shutil
 import subprocess
 import sys
-import time
 import urllib.parse
 import urllib.request
 from pathlib import Path
@@ -16,7 +15,7 @@ import psutil
 import pytest
 
 from pipeline.compare import README_BEGIN, README_END
-from tests.conftest import REPO, environment, free_port, make_project, run, stop
+from tests.helpers import REPO, environment, free_port, make_project, run, stop, venv_for, wait_for
 
 SWEPT = ["default", "lr_x10"]
 CHROMIUM = shutil.which("chromium")
@@ -35,6 +34,7 @@ def tiny_sweep(tmp_path_factory, mnist_url):
     return project, env, sweep, compare, {run.info.run_name: run for run in runs}
 
 
+@pytest.mark.slow
 def test_sweep_logs_one_named_run_per_setting_grouped_by_sweep(tiny_sweep):
     project, _, sweep, _, runs = tiny_sweep
     assert "database is locked" not in sweep.stdout + sweep.stderr
@@ -55,6 +55,7 @@ def test_sweep_logs_one_named_run_per_setting_grouped_by_sweep(tiny_sweep):
         assert tracked.info.artifact_uri.startswith(f"file://{project}/mlartifacts/")
 
 
+@pytest.mark.slow
 def test_table_is_regenerated_from_the_tracked_runs(tiny_sweep):
     project, _, _, _, runs = tiny_sweep
     table = pd.read_csv(project / "reports/comparison.csv").set_index("setting")
@@ -72,6 +73,7 @@ def test_table_is_regenerated_from_the_tracked_runs(tiny_sweep):
     assert markdown in readme_table(project / "README.md")
 
 
+@pytest.mark.slow
 def test_second_sweep_trains_nothing(tiny_sweep):
     project, env, _, _, runs = tiny_sweep
     again = run(project, [sys.executable, "-m", "pipeline.sweep", *SWEPT], env)
@@ -93,23 +95,13 @@ def test_readme_table_is_the_regenerated_file():
 def mlflow_ui(tiny_sweep):
     """`make ui` on a free loopback port, over the sweep's store; stopped with its workers."""
     project, env, _, _, _ = tiny_sweep
-    venv = Path(sys.executable).parent.parent
-    if not (project / ".venv").exists():
-        (project / ".venv").symlink_to(venv)
+    venv_for(project)
     port = free_port()
     server = subprocess.Popen(["make", "ui", f"PORT={port}", "UI_ARGS=--workers 1"], cwd=project, env=env,
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                urllib.request.urlopen(f"{url}/health", timeout=2).close()
-                break
-            except OSError:
-                if server.poll() is not None or time.monotonic() > deadline:
-                    raise AssertionError(f"make ui did not come up:\n{server.stdout.read()}")
-                time.sleep(0.5)
+        wait_for(f"{url}/health", server)
         yield url, port
     finally:
         stop(server)
@@ -126,6 +118,7 @@ def render(url: str, screenshot: Path) -> str:
                           timeout=120).stdout
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(CHROMIUM is None, reason="Debian's chromium is not installed (.ci/run installs it)")
 def test_ui_shows_the_sweep(tiny_sweep, mlflow_ui, tmp_path):
     _, _, _, _, runs = tiny_sweep

@@ -5,9 +5,9 @@ import sys
 import pytest
 from omegaconf import OmegaConf
 
-from pipeline.config import compose, validate
+from pipeline.config import SETTINGS, compose, validate
 from pipeline.errors import PipelineError
-from tests.conftest import REPO, error_lines, make_project, run, written_files
+from tests.helpers import REPO, error_lines, make_project, run, written_files
 
 
 def test_params_yaml_is_the_composition_of_conf():
@@ -23,9 +23,15 @@ def test_default_config_is_the_reference_model():
     assert (train.learning_rate, train.batch_size, train.epochs) == (0.001, 64, 5)
 
 
-def test_experiment_presets_compose():
-    sections = validate(compose(["model=cnn"]))
-    assert sections["model"].name == "cnn"
+@pytest.mark.parametrize("preset", sorted(path.stem for path in (REPO / "conf/experiment").glob("*.yaml")))
+def test_every_preset_composes_and_is_a_setting(preset):
+    sections = validate(compose([f"+experiment={preset}"]))
+    assert sections["model"].name in ("mlp", "cnn")
+    assert preset in SETTINGS, f"conf/experiment/{preset}.yaml is not in pipeline.config.SETTINGS"
+
+
+def test_model_group_switches_the_model():
+    assert validate(compose(["model=cnn"]))["model"].name == "cnn"
 
 
 @pytest.mark.parametrize("override, message", [
@@ -49,7 +55,7 @@ def test_bad_values_are_refused_with_the_key_named(override, message):
 
 
 def test_stage_refuses_bad_params_in_one_line_before_any_work(tmp_path, mnist_url):
-    from tests.conftest import environment
+    from tests.helpers import environment
 
     project = make_project(tmp_path)
     params = project / "params.yaml"

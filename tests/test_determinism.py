@@ -4,8 +4,9 @@ import sys
 
 import keras
 import numpy as np
+import pytest
 
-from tests.conftest import environment, make_project, run
+from tests.helpers import environment, make_project, run
 
 
 def train_weights(project, env) -> list[np.ndarray]:
@@ -13,6 +14,7 @@ def train_weights(project, env) -> list[np.ndarray]:
     return keras.models.load_model(project / "models/model.keras", safe_mode=True).get_weights()
 
 
+@pytest.mark.slow
 def test_two_trainings_give_identical_weights(tmp_path, mnist_url):
     project = make_project(tmp_path)
     env = environment(mnist_url)

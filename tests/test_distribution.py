@@ -5,7 +5,7 @@ import json
 import mlflow
 import pytest
 
-from tests.conftest import TINY, environment, make_project, run
+from tests.helpers import TINY, environment, make_project, run
 
 # Two epochs on the tiny data: enough updates for the accuracy to mean something.
 SHORT = [*TINY, "train.epochs=2"]
@@ -18,6 +18,7 @@ def train_and_evaluate(project, env) -> tuple[dict, mlflow.entities.Run]:
     return json.loads((project / "reports/metrics.json").read_text()), tracked
 
 
+@pytest.mark.slow
 def test_mirrored_on_two_devices_matches_one_device(tmp_path, mnist_url):
     per_replica_batch = 32
     env = environment(mnist_url)

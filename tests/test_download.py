@@ -8,7 +8,7 @@ import pytest
 
 from pipeline.errors import PipelineError
 from pipeline.download import EXPECTED, fetch_verified, mirror_list
-from tests.conftest import TINY, environment, error_lines, make_project, mnist_source, run, written_files
+from tests.helpers import TINY, environment, error_lines, make_project, mnist_source, run, written_files
 
 LABELS = "t10k-labels-idx1-ubyte"  # the smallest file: fast to tamper with
 

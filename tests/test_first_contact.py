@@ -6,8 +6,9 @@ import subprocess
 import sys
 
 import pytest
+import yaml
 
-from tests.conftest import REPO, environment, error_lines, make_project, run
+from tests.helpers import REPO, environment, error_lines, make_project, run
 
 # The project copies have no .venv of their own: the tests' interpreter stands in for it.
 MAKE = ["make", "--no-print-directory", "-o", ".venv/.installed"]
@@ -45,6 +46,22 @@ def test_params_that_disagree_with_conf_and_record_nothing_stop_dvc_repro(tmp_pa
                            "train.epochs is 1 there, 5 in conf/) and does not record how it was composed")
     assert "Traceback" not in result.stderr
     assert not (project / "data/raw").exists()
+
+
+@pytest.mark.slow
+def test_dvc_knows_every_module_that_shapes_a_stage_output(tmp_path, mnist_url):
+    project = make_project(tmp_path)
+    env = environment(mnist_url)
+    run(project, ["dvc", "repro", "preprocess"], env)
+    data_io = project / "pipeline/data_io.py"
+    data_io.write_text(data_io.read_text() + "\n# a change to the IDX parser or the array format\n")
+    status = run(project, ["dvc", "status", "preprocess"], env).stdout
+    assert "preprocess:" in status and "modified:           pipeline/data_io.py" in status, status
+    stages = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
+    assert {"pipeline/models.py", "pipeline/data_io.py", "pipeline/numerics.py", "pipeline/tracking.py",
+            "requirements.lock"} <= set(stages["train"]["deps"])
+    for stage in ("download", "preprocess", "train", "evaluate", "error-analysis"):
+        assert "pipeline/data_io.py" in stages[stage]["deps"], stage
 
 
 @pytest.mark.parametrize("override, message", [

@@ -12,7 +12,7 @@ import numpy as np
 import psutil
 import pytest
 
-from tests.conftest import environment, make_project, run
+from tests.helpers import environment, make_project, run
 
 # Long enough epochs (a few seconds) to be killed in the middle of one; 188 steps per epoch, run
 # 10 at a time, which does not divide them.
@@ -55,6 +55,7 @@ def kill_training_after_first_epoch(project, env, signal_number) -> None:
     assert pipeline.wait(timeout=120) != 0
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("signal_number", [signal.SIGTERM, signal.SIGKILL], ids=["SIGTERM", "SIGKILL"])
 def test_killed_training_resumes_to_identical_weights(tmp_path, mnist_url, uninterrupted, signal_number):
     project = make_project(tmp_path, SLOW)

@@ -9,7 +9,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from tests.conftest import SECRET, git, run
+from tests.helpers import SECRET, git, run
+
+pytestmark = pytest.mark.slow  # every test here runs the pipeline end to end
 
 METRIC_KEYS = {"test_accuracy", "test_loss", "precision_macro", "recall_macro", "f1_macro", "roc_auc_ovr"}
 

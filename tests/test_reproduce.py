@@ -8,7 +8,9 @@ import pytest
 
 from pipeline import numerics
 from pipeline.reproduce import CROSS_ENVIRONMENT_TOLERANCE
-from tests.conftest import environment, error_lines, git, make_project, run
+from tests.helpers import environment, error_lines, git, make_project, run
+
+pytestmark = pytest.mark.slow  # every test here runs the pipeline end to end
 
 
 @pytest.fixture(scope="module")

@@ -6,36 +6,20 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import time
-import urllib.request
 from pathlib import Path
 
 import boto3
 import psycopg
 import pytest
 
-from tests.conftest import environment, free_port, make_project, run, stop
+from tests.helpers import environment, free_port, make_project, run, stop, venv_for, wait_for
 
 POSTGRES_BIN = sorted(glob.glob("/usr/lib/postgresql/*/bin"))
 BUCKET = "mnist-team"
 S3_ENV = {"AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test", "AWS_DEFAULT_REGION": "us-east-1"}
 
-pytestmark = pytest.mark.skipif(not POSTGRES_BIN or not shutil.which("runuser"),
-                                reason="Debian's postgresql is not installed (.ci/run installs it)")
-
-
-def wait_for(url: str, process: subprocess.Popen, seconds: float = 120) -> None:
-    deadline = time.monotonic() + seconds
-    while True:
-        try:
-            urllib.request.urlopen(url, timeout=2).close()
-            return
-        except OSError as error:
-            if getattr(error, "code", None):  # an HTTP error status: the server answers
-                return
-            if process.poll() is not None or time.monotonic() > deadline:
-                raise AssertionError(f"{url} did not come up: {process.args}")
-            time.sleep(0.5)
+pytestmark = [pytest.mark.slow, pytest.mark.skipif(not POSTGRES_BIN or not shutil.which("runuser"),
+                                                  reason="Debian's postgresql is not installed (.ci/run installs it)")]
 
 
 @pytest.fixture(scope="module")
@@ -84,7 +68,7 @@ def client_credentials() -> dict:
 def team_server(tmp_path_factory, postgres, s3, mnist_url):
     """`make server` over PostgreSQL and S3; yields (project, env with MLFLOW_TRACKING_URI)."""
     project = make_project(tmp_path_factory.mktemp("team"), shrink_conf=True)
-    (project / ".venv").symlink_to(Path(sys.executable).parent.parent)
+    venv_for(project)
     port = free_port()
     env = environment(mnist_url, MLFLOW_S3_ENDPOINT_URL=s3, **S3_ENV)
     server = subprocess.Popen(
