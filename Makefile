@@ -8,7 +8,11 @@ INSTALLED := $(VENV)/.installed
 HOST ?= 127.0.0.1
 PORT ?= 5000
 
-.PHONY: run test test-fast params ui server sweep compare reproduce push pull bench numerics lock clean
+.PHONY: help run test test-fast params ui server sweep compare reproduce push pull bench numerics lock clean
+
+## help: this list
+help:
+	@sed -n 's/^## //p' $(MAKEFILE_LIST)
 
 ## run: the whole pipeline (`dvc repro`: conf/ composed into params.yaml when it changed, then the five stages)
 run: $(INSTALLED)

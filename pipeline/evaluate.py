@@ -26,7 +26,7 @@ REPORT_FILE = REPORTS_DIR / "classification_report.json"
 def evaluate(config: EvaluateConfig) -> None:
     test_images, test_labels = load_split("test")
     try:
-        model = keras.models.load_model(require(MODEL_FILE), safe_mode=True)
+        model = keras.models.load_model(require(MODEL_FILE), compile=False, safe_mode=True)  # predicting only
     except (ValueError, OSError) as error:
         raise PipelineError(f"cannot load {MODEL_FILE} ({str(error).splitlines()[0]}); "
                          "retrain it with `dvc repro --force train`") from None

@@ -1,4 +1,4 @@
-"""Multi-device training: MirroredStrategy on the CPU split into two logical devices."""
+"""Device options on the CPU: MirroredStrategy over two logical devices, and mixed precision."""
 
 import json
 
@@ -37,3 +37,18 @@ def test_mirrored_on_two_devices_matches_one_device(tmp_path, mnist_url):
     assert mirrored_run.data.metrics["val_accuracy"] == pytest.approx(single_run.data.metrics["val_accuracy"], abs=0.02)
     assert mirrored_metrics["test_accuracy"] == pytest.approx(single_metrics["test_accuracy"], abs=0.02)
     assert mirrored_metrics["test_accuracy"] > 0.5  # it learned (chance is 0.1)
+
+
+@pytest.mark.slow
+def test_mixed_precision_computes_in_float16_and_keeps_float32_probabilities(tmp_path, mnist_url):
+    """train.mixed_precision on the CPU (slow there, but the same code path as on a GPU)."""
+    import keras
+
+    project = make_project(tmp_path, [*TINY, "train.mixed_precision=true"])
+    metrics, tracked = train_and_evaluate(project, environment(mnist_url))
+    assert tracked.data.params["train.mixed_precision"] == "True"
+    model = keras.models.load_model(project / "models/model.keras", compile=False, safe_mode=True)
+    hidden, output = model.layers[-2], model.layers[-1]
+    assert hidden.dtype_policy.name == "mixed_float16" and hidden.kernel.dtype == "float32"
+    assert output.dtype_policy.name == "float32"  # softmax kept in float32 (pipeline/models.py)
+    assert metrics["test_accuracy"] > 0.5

@@ -58,7 +58,16 @@ def test_dvc_sees_metrics_and_plots(pipeline_run):
     project, env, _ = pipeline_run
     shown = json.loads(run(project, ["dvc", "metrics", "show", "--json"], env).stdout)
     assert shown[""]["data"]["reports/metrics.json"]["data"]["test_accuracy"] > 0.5
-    run(project, ["dvc", "plots", "show", "--json"], env)
+    plots = json.loads(run(project, ["dvc", "plots", "show", "--json"], env).stdout)["data"]
+    accuracy = plots["Accuracy per epoch"][0]["content"]["data"]["values"]
+    assert {point["field"] for point in accuracy} == {"accuracy", "val_accuracy"}
+    assert [point["epoch"] for point in accuracy if point["field"] == "accuracy"] == ["1"]
+    confusion = plots["Confusion matrix (test set)"][0]["content"]["data"]["values"]
+    assert len(confusion) == 300 and {"actual", "predicted"} <= confusion[0].keys()
+    for picture in ("reports/training_curves.png", "reports/error_analysis/confusion_matrix.png",
+                    "reports/error_analysis/misclassified.png"):
+        [image] = plots[picture]
+        assert image["type"] == "image" and Path(image["url"]).read_bytes()[:4] == b"\x89PNG"
 
 
 def test_mlflow_run_is_complete(pipeline_run, tracked_run):
