@@ -20,7 +20,7 @@ from pipeline.config import run_stage
 
 @contextlib.contextmanager
 def untracked_run(*arguments, **keywords):
-    yield types.SimpleNamespace(info=types.SimpleNamespace(run_id="untracked"))
+    yield types.SimpleNamespace(info=types.SimpleNamespace(run_id="untracked", experiment_id="untracked"))
 
 
 def nothing(*arguments, **keywords) -> None:

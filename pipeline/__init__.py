@@ -11,6 +11,11 @@ from typing import Iterator
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 # MLflow's INFO lines (store migrations, system-metrics threads) likewise: MLFLOW_LOGGING_LEVEL=INFO.
 os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
+# A tracking server that goes away fails the stage in seconds (3 tries, 1-2-4 s apart), not after
+# MLflow's default of 7 retries over minutes; a training resumes from its last epoch afterwards.
+os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "3")
+os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
+os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")
 # Written to file descriptor 2 while TensorFlow loads, before its log level applies.
 IMPORT_NOTICES = ("All log messages before absl::InitializeLog() is called", "cudart_stub.cc")
 

@@ -1,12 +1,16 @@
 """The pipeline's files: where they live, IDX parsing, arrays without pickle, atomic writes.
 
 Every output is written to a temporary name beside its destination and renamed into place,
-so a failed or killed stage never leaves a half-written file that looks complete.
+so a failed or killed stage never leaves a half-written file that looks complete. The stages that
+log to MLflow stage all their outputs (staged_outputs) and land them only after the logging
+succeeded: files, dvc.lock and the tracking store never disagree after a failure.
 """
 
 import json
 import os
+import shutil
 import struct
+import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
@@ -54,6 +58,30 @@ def atomic_path(destination: Path) -> Iterator[Path]:
         os.replace(temporary, destination)
     finally:
         temporary.unlink(missing_ok=True)
+
+
+class StagedOutputs:
+    """`staged / destination` is where to write an output; it lands on `destination` at the end."""
+
+    def __init__(self, root: Path):
+        self.root = root
+
+    def __truediv__(self, destination: Path) -> Path:
+        # Fail now, before anything is logged, if a file stands where the output's folder must be.
+        Path(destination).parent.mkdir(parents=True, exist_ok=True)
+        return self.root / destination
+
+
+@contextmanager
+def staged_outputs() -> Iterator[StagedOutputs]:
+    """Outputs written under a scratch folder, renamed onto their destinations only if the block succeeds."""
+    root = Path(tempfile.mkdtemp(prefix=".staged-", dir="."))
+    try:
+        yield StagedOutputs(root)
+        for staged in sorted(path for path in root.rglob("*") if path.is_file()):
+            os.replace(staged, staged.relative_to(root))
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
 
 
 def atomic_write_bytes(destination: Path, data: bytes) -> None:

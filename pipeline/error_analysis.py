@@ -13,7 +13,7 @@ from pipeline import tracking
 from pipeline.config import ErrorAnalysisConfig, run_stage
 from pipeline.errors import PipelineError
 from pipeline.data_io import (CURVES_FILE, DIGITS, METRICS_FILE, NUM_CLASSES, PREDICTIONS_FILE, REPORTS_DIR, load_array,
-                              load_split, pyplot, save_figure, write_csv)
+                              load_split, pyplot, save_figure, staged_outputs, write_csv)
 
 
 OUTPUT_DIR = REPORTS_DIR / "error_analysis"
@@ -45,18 +45,19 @@ def error_analysis(config: ErrorAnalysisConfig) -> None:
         "accuracy": np.divide(correct, support, out=np.zeros(NUM_CLASSES), where=support > 0),
     })
     per_class["error_rate"] = 1 - per_class.accuracy
-    write_csv(PER_CLASS_FILE, per_class)
-    write_csv(CONFUSION_CSV, pd.DataFrame(matrix, index=pd.Index(DIGITS, name="true"),
-                                          columns=[f"predicted_{digit}" for digit in DIGITS]), index=True)
-    # One row per test image: what DVC's confusion-matrix plot template reads.
-    write_csv(PREDICTIONS_CSV, pd.DataFrame({"actual": labels, "predicted": predictions}))
-    write_csv(PAIRS_FILE, confused_pairs(matrix, config.top_confused_pairs))
-    plot_confusion_matrix(matrix)
-    plot_gallery(test_images, labels, predictions, confidences, config.gallery_size)
-
-    with tracking.model_run() as run:
-        tracking.log_artifacts([PER_CLASS_FILE, CONFUSION_CSV, CONFUSION_PNG, PAIRS_FILE, GALLERY_FILE],
-                               "error_analysis")
+    # Logged first, landed after: a store that fails leaves the previous outputs as they were.
+    with staged_outputs() as staged, tracking.model_run() as run:
+        write_csv(staged / PER_CLASS_FILE, per_class)
+        write_csv(staged / CONFUSION_CSV, pd.DataFrame(matrix, index=pd.Index(DIGITS, name="true"),
+                                                       columns=[f"predicted_{digit}" for digit in DIGITS]), index=True)
+        # One row per test image: what DVC's confusion-matrix plot template reads.
+        write_csv(staged / PREDICTIONS_CSV, pd.DataFrame({"actual": labels, "predicted": predictions}))
+        write_csv(staged / PAIRS_FILE, confused_pairs(matrix, config.top_confused_pairs))
+        save_figure(confusion_matrix_figure(matrix), staged / CONFUSION_PNG)
+        save_figure(gallery_figure(test_images, labels, predictions, confidences, config.gallery_size),
+                    staged / GALLERY_FILE)
+        tracking.log_artifacts([staged / path for path in (PER_CLASS_FILE, CONFUSION_CSV, CONFUSION_PNG, PAIRS_FILE,
+                                                           GALLERY_FILE)], "error_analysis")
     worst = per_class.sort_values("accuracy").iloc[0]
     print(f"error-analysis: {int(support.sum() - correct.sum())} errors; weakest digit {int(worst.digit)} "
           f"({worst.accuracy:.2%})", file=sys.stderr)
@@ -77,15 +78,15 @@ def confused_pairs(matrix: np.ndarray, top: int) -> pd.DataFrame:
     return pairs.reset_index(drop=True)
 
 
-def plot_confusion_matrix(matrix: np.ndarray) -> None:
+def confusion_matrix_figure(matrix: np.ndarray):
     figure, axes = pyplot().subplots(figsize=(7, 6))
     ConfusionMatrixDisplay(matrix, display_labels=DIGITS).plot(ax=axes, cmap="Blues", colorbar=False)
     axes.set_title("Confusion matrix, test set")
-    save_figure(figure, CONFUSION_PNG)
+    return figure
 
 
-def plot_gallery(images: np.ndarray, labels: np.ndarray, predictions: np.ndarray,
-                 confidences: np.ndarray, size: int) -> None:
+def gallery_figure(images: np.ndarray, labels: np.ndarray, predictions: np.ndarray,
+                   confidences: np.ndarray, size: int):
     """The misclassified digits, most confident mistakes first."""
     wrong = np.flatnonzero(predictions != labels)
     wrong = wrong[np.argsort(-confidences[wrong], kind="stable")][:size]
@@ -98,7 +99,7 @@ def plot_gallery(images: np.ndarray, labels: np.ndarray, predictions: np.ndarray
         axes.imshow(images[index], cmap="gray_r")
         axes.set_title(f"true {labels[index]} / pred {predictions[index]}\n{confidences[index]:.0%}", fontsize=8)
     figure.suptitle(f"Misclassified test digits ({len(wrong)} most confident of {int((predictions != labels).sum())})")
-    save_figure(figure, GALLERY_FILE)
+    return figure
 
 
 if __name__ == "__main__":

@@ -18,7 +18,7 @@ with tensorflow_import_notices_hidden():
 from pipeline.config import PARAMS_FILE, EvaluateConfig, run_stage
 from pipeline.errors import PipelineError
 from pipeline.data_io import (DIGITS, METRICS_FILE, MODEL_FILE, PREDICTIONS_FILE, REPORTS_DIR, load_split, require, save_array,
-                              write_json)
+                              staged_outputs, write_json)
 
 REPORT_FILE = REPORTS_DIR / "classification_report.json"
 
@@ -34,12 +34,13 @@ def evaluate(config: EvaluateConfig) -> None:
     probabilities /= probabilities.sum(axis=1, keepdims=True)  # float32 softmax sums drift from 1
     metrics, report = score(np.asarray(test_labels), probabilities)
 
-    save_array(PREDICTIONS_FILE, probabilities.astype(np.float32))
-    write_json(METRICS_FILE, metrics)
-    write_json(REPORT_FILE, report)
-    with tracking.model_run():
+    # Logged first, landed after: a store that fails leaves the previous outputs as they were.
+    with staged_outputs() as staged, tracking.model_run():
+        save_array(staged / PREDICTIONS_FILE, probabilities.astype(np.float32))
+        write_json(staged / METRICS_FILE, metrics)
+        write_json(staged / REPORT_FILE, report)
         mlflow.log_metrics({key: value for key, value in metrics.items() if value is not None})
-        tracking.log_artifacts([METRICS_FILE, REPORT_FILE], "evaluation")
+        tracking.log_artifacts([staged / METRICS_FILE, staged / REPORT_FILE], "evaluation")
     print(f"evaluate: test accuracy {metrics['test_accuracy']:.4f}, loss {metrics['test_loss']:.4f}", file=sys.stderr)
     explain_difference_from_commit(metrics)
 

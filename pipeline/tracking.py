@@ -3,12 +3,21 @@
 train creates the run and writes its id to models/run.json; evaluate and error-analysis reopen it,
 so everything about one model lands in one run. Stages that DVC restores from its run cache do not
 execute and log nothing: their models/run.json still points at the run that made them.
+
+The store is an input that can be wrong, like params.yaml: a deleted run or experiment, a file that
+is no MLflow store, a store locked by another writer, a server that is down, dies mid-training or
+refuses the request. Each becomes one PipelineError line naming the fix (store_faults); the
+pipeline never deletes or rewrites anything in the store to recover.
 """
 
+import logging
 import os
 import platform
+import re
+import sqlite3
 import subprocess
 import sys
+import urllib.error
 import urllib.request
 from contextlib import contextmanager
 from pathlib import Path
@@ -18,10 +27,12 @@ import mlflow
 from mlflow.exceptions import MlflowException
 
 from pipeline.errors import PipelineError, guard
-from pipeline.data_io import RUN_FILE, read_json, write_json
+from pipeline.data_io import RUN_FILE, read_json
 
 DEFAULT_EXPERIMENT = "mnist"
 SERVER_TIMEOUT_SECONDS = 5
+# MLflow logs a store error with its traceback before raising it; the one line below replaces both.
+logging.getLogger("mlflow.store.db.utils").setLevel(logging.CRITICAL)
 RESULT_INPUTS = ("pipeline", "conf", "dvc.yaml", "requirements.lock")
 
 
@@ -42,22 +53,91 @@ def is_server(uri: str) -> bool:
 
 
 def connect() -> str:
-    """Points MLflow at the store, failing fast (not after minutes of retries) on a dead server."""
+    """Points MLflow at the store after checking it: a server must answer (in seconds, not after
+    minutes of retries), a SQLite file must be an MLflow store (MLflow would add its tables to any)."""
     uri = tracking_uri()
     if is_server(uri):
         try:
             urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=SERVER_TIMEOUT_SECONDS).close()
+        except urllib.error.HTTPError as error:
+            raise PipelineError(f"MLflow tracking server {uri} refused the request (HTTP {error.code} {error.reason}); "
+                                "check the URL, and the credentials or proxy in front of it") from None
         except OSError as error:
             reason = getattr(error, "reason", None) or error
             raise PipelineError(f"MLflow tracking server {uri} does not answer ({reason}); start it "
                                 "(`make server`) or unset MLFLOW_TRACKING_URI to use the local store") from None
+    elif uri.startswith("sqlite:///"):
+        check_sqlite_store(Path(uri.removeprefix("sqlite:///")), uri)
     mlflow.set_tracking_uri(uri)
     return uri
+
+
+def check_sqlite_store(path: Path, uri: str) -> None:
+    if not path.exists() or path.is_dir() or path.stat().st_size == 0:
+        return  # absent or empty: MLflow creates the store (a folder fails in store_faults)
+    fix = "move it aside (a new store is then created there) or point MLFLOW_TRACKING_URI at your store"
+    try:
+        with sqlite3.connect(f"file:{path}?mode=ro", uri=True) as database:
+            tables = {row[0] for row in database.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+    except sqlite3.DatabaseError as error:
+        if "locked" in str(error):
+            return  # a writer holds it: store_faults reports it if it stays locked
+        raise PipelineError(f"{path} is not an MLflow store (SQLite: {error}); {fix}") from None
+    if tables and "experiments" not in tables:
+        raise PipelineError(f"{path} is a SQLite database but not an MLflow store (tables: "
+                            f"{', '.join(sorted(tables)[:5])}); {fix}")
+
+
+def describe_store_fault(error: Exception, uri: str) -> str | None:
+    """One line for a store fault the user can fix; None for anything else (a bug keeps its traceback)."""
+    text = " ".join(str(error).split())
+    if "database is locked" in text:
+        return (f"the tracking store {uri} stayed locked by another writer (SQLite waited 20 s); let the other "
+                "process finish or stop it (another training? a queue worker?), then run again")
+    if "file is not a database" in text or "unable to open database file" in text:
+        return f"cannot open the tracking store {uri} as an MLflow store ({text[:80]}); check the path and the file"
+    if "out-of-date database schema" in text:  # MLflow words a newer store's schema the same way
+        found = re.search(r"found version (\w+)", text)
+        migrations = Path(mlflow.__file__).parent / "store" / "db_migrations" / "versions"
+        if found and not any(migrations.glob(f"{found[1]}_*.py")):
+            return (f"the tracking store {uri} was made by a newer MLflow than this environment's "
+                    f"({mlflow.__version__}, from requirements.lock); use that version, or another store")
+        return (f"the tracking store {uri} was made by an older MLflow; back it up, then upgrade it with "
+                f"`mlflow db upgrade {uri}` (the pipeline never migrates a store itself)")
+    if "readonly database" in text:
+        return f"the tracking store {uri} is read-only; make the file and its folder writable"
+    status = re.search(r"error code (\d{3})", text) or re.search(r"\b(40[13]) Client Error", text)
+    if status and status[1] in ("401", "403"):
+        return (f"MLflow tracking server {uri} refused the request (HTTP {status[1]}); check the credentials "
+                "or the proxy in front of it")
+    if re.search(r"Max retries exceeded|Connection refused|ConnectionError|Failed to establish", text):
+        return (f"MLflow tracking server {uri} stopped answering ({text[:60]}...); nothing was finished: start it "
+                "again and rerun `dvc repro` (a training resumes from its last completed epoch)")
+    return None
+
+
+@contextmanager
+def store_faults() -> Iterator[None]:
+    """Turns the store faults a user can cause (describe_store_fault) into one PipelineError line."""
+    try:
+        yield
+    except Exception as error:  # MlflowException, SQLAlchemy's and requests' errors, as MLflow raises them
+        if isinstance(error, PipelineError):
+            raise
+        message = describe_store_fault(error, tracking_uri())
+        if message is None:
+            raise
+        raise PipelineError(message) from None
 
 
 def experiment_id() -> str:
     name = os.environ.get("MLFLOW_EXPERIMENT_NAME", DEFAULT_EXPERIMENT)
     experiment = mlflow.get_experiment_by_name(name)
+    if experiment is not None and experiment.lifecycle_stage == "deleted":
+        raise PipelineError(
+            f"MLflow experiment {name!r} is deleted in {tracking_uri()}; restore it (`MLFLOW_TRACKING_URI={tracking_uri()} "
+            f"mlflow experiments restore --experiment-id {experiment.experiment_id}`, or in the UI), or track into "
+            "another experiment with MLFLOW_EXPERIMENT_NAME=<name>")
     if experiment is not None:
         return experiment.experiment_id
     # A local store keeps artifacts beside mlflow.db; a server chooses (and proxies) its own.
@@ -107,42 +187,56 @@ def installed_packages() -> str:
 @contextmanager
 def training_run(run_name: str, params: dict, tags: dict,
                  continue_run_id: str | None = None) -> Iterator[mlflow.ActiveRun]:
-    """Starts the model's run (with system metrics) and records its id in models/run.json.
+    """Starts the model's run (with system metrics); the caller records its id in models/run.json.
 
     continue_run_id reopens an interrupted training's run, so a resumed training stays one run.
-    On an exception the run is closed as FAILED, never left RUNNING.
+    On an exception the run is closed as FAILED, never left RUNNING (when the store still answers).
     """
-    connect()
-    experiment = experiment_id()
-    # Short runs need frequent samples to show anything; the sampler thread costs ~nothing.
-    mlflow.set_system_metrics_sampling_interval(1)
-    mlflow.set_system_metrics_samples_before_logging(1)
-    if continue_run_id:
-        try:
-            mlflow.get_run(continue_run_id)
-        except MlflowException:
-            continue_run_id = None  # the store lost it: start afresh
-    with mlflow.start_run(run_id=continue_run_id, experiment_id=None if continue_run_id else experiment,
-                          run_name=None if continue_run_id else run_name,
-                          tags={**lineage_tags(), "env.python": platform.python_version(), **tags}, log_system_metrics=True) as run:
-        mlflow.log_params(params)
-        mlflow.log_text(installed_packages(), "environment/requirements.txt")
-        yield run
-        write_json(RUN_FILE, {"run_id": run.info.run_id, "experiment_id": experiment})
+    with store_faults():
+        connect()
+        experiment = experiment_id()
+        # Short runs need frequent samples to show anything; the sampler thread costs ~nothing.
+        mlflow.set_system_metrics_sampling_interval(1)
+        mlflow.set_system_metrics_samples_before_logging(1)
+        if continue_run_id and run_state(continue_run_id) != "active":
+            print(f"tracking: the interrupted training's run {continue_run_id} is gone or deleted; "
+                  "continuing in a new run", file=sys.stderr)
+            continue_run_id = None
+        with mlflow.start_run(run_id=continue_run_id, experiment_id=None if continue_run_id else experiment,
+                              run_name=None if continue_run_id else run_name,
+                              tags={**lineage_tags(), "env.python": platform.python_version(), **tags},
+                              log_system_metrics=True) as run:
+            mlflow.log_params(params)
+            mlflow.log_text(installed_packages(), "environment/requirements.txt")
+            yield run
+
+
+def run_state(run_id: str) -> str:
+    """"active", "deleted", or "missing" (not in this store)."""
+    try:
+        return mlflow.get_run(run_id).info.lifecycle_stage
+    except MlflowException as error:
+        if error.error_code == "RESOURCE_DOES_NOT_EXIST":
+            return "missing"
+        raise
 
 
 @contextmanager
 def model_run() -> Iterator[mlflow.ActiveRun]:
     """Reopens the run of the model in models/run.json, for evaluate and error-analysis."""
     run_id = read_json(RUN_FILE)["run_id"]
-    uri = connect()
-    try:
-        mlflow.get_run(run_id)
-    except MlflowException:
-        raise PipelineError(f"MLflow run {run_id} (from {RUN_FILE}) is not in the store {uri}; point "
-                            "MLFLOW_TRACKING_URI at the store that holds it, or retrain with `dvc repro --force train`") from None
-    with mlflow.start_run(run_id=run_id) as run:
-        yield run
+    with store_faults():
+        uri = connect()
+        state = run_state(run_id)
+        if state == "missing":
+            raise PipelineError(f"MLflow run {run_id} (from {RUN_FILE}) is not in the store {uri}; point "
+                                "MLFLOW_TRACKING_URI at the store that holds it, or retrain with `dvc repro --force train`")
+        if state == "deleted":
+            raise PipelineError(f"MLflow run {run_id} (from {RUN_FILE}) is deleted in {uri}; restore it "
+                                f"(`MLFLOW_TRACKING_URI={uri} mlflow runs restore --run-id {run_id}`, or in the UI), "
+                                "or retrain into a new run with `dvc repro --force train`")
+        with mlflow.start_run(run_id=run_id) as run:
+            yield run
 
 
 def log_artifacts(paths: list[Path], artifact_path: str) -> None:

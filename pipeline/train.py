@@ -28,8 +28,9 @@ with tensorflow_import_notices_hidden():
 from pipeline import data_io, models, numerics, tracking  # noqa: E402
 from pipeline.config import CnnConfig, DataConfig, MlpConfig, TrainConfig, config_hash, run_stage, training_params
 from pipeline.errors import PipelineError
-from pipeline.data_io import (CURVES_FILE, HISTORY_FILE, IMAGE_SHAPE, MANIFEST_FILE, MODEL_FILE, NUM_CLASSES, atomic_path,
-                              load_split, pyplot, read_json, save_figure, write_csv, write_json)
+from pipeline.data_io import (CURVES_FILE, HISTORY_FILE, IMAGE_SHAPE, MANIFEST_FILE, MODEL_FILE, NUM_CLASSES, RUN_FILE,
+                              StagedOutputs, atomic_path, load_split, pyplot, read_json, save_figure, staged_outputs,
+                              write_csv, write_json)
 from pipeline.models import build_model
 
 VALIDATION_BATCH_SIZE = 1024  # evaluation only: changes no update, just the speed
@@ -157,7 +158,8 @@ def train(model_config: MlpConfig | CnnConfig, train_config: TrainConfig) -> Non
     if first_epoch:
         print(f"train: resuming after epoch {first_epoch} from {checkpoint_dir}", file=sys.stderr)
 
-    with tracking.training_run(run_name, params, tags, continue_run_id=interrupted_run) as run:
+    # Logged first, landed after: a training that cannot log its model leaves no model that looks finished.
+    with staged_outputs() as staged, tracking.training_run(run_name, params, tags, continue_run_id=interrupted_run) as run:
         write_json(checkpoint_dir / "run.json", {"run_id": run.info.run_id})
         started = time.perf_counter()
         model.fit(
@@ -174,10 +176,11 @@ def train(model_config: MlpConfig | CnnConfig, train_config: TrainConfig) -> Non
             verbose=2,
         )
         mlflow.log_metric("fit_seconds", time.perf_counter() - started)
-        save_and_log_model(model, tags)
+        save_and_log_model(model, tags, staged)
         # The run's metric history spans every attempt of a resumed training.
-        write_history(run.info.run_id)
-        tracking.log_artifacts([HISTORY_FILE, CURVES_FILE], "training")
+        write_history(run.info.run_id, staged / HISTORY_FILE, staged / CURVES_FILE)
+        tracking.log_artifacts([staged / HISTORY_FILE, staged / CURVES_FILE], "training")
+        write_json(staged / RUN_FILE, {"run_id": run.info.run_id, "experiment_id": run.info.experiment_id})
     shutil.rmtree(checkpoint_dir, ignore_errors=True)
 
 
@@ -214,11 +217,11 @@ def build_compiled_model(model_config: MlpConfig | CnnConfig, train_config: Trai
     return model
 
 
-def save_and_log_model(model: keras.Model, tags: dict[str, str]) -> None:
+def save_and_log_model(model: keras.Model, tags: dict[str, str], staged: StagedOutputs) -> None:
     """models/model.keras, its numeric environment (reports/numerics.json), and the model in MLflow."""
-    with atomic_path(MODEL_FILE) as temporary:
+    with atomic_path(staged / MODEL_FILE) as temporary:
         model.save(temporary)
-    write_json(numerics.NUMERICS_FILE, numerics.from_tags(tags))
+    write_json(staged / numerics.NUMERICS_FILE, numerics.from_tags(tags))
     # Explicit requirements: inferring them costs seconds and adds nothing here.
     mlflow.keras.log_model(model, name="model", signature=SIGNATURE,
                            pip_requirements=[f"tensorflow=={tf.__version__}", f"keras=={keras.__version__}"])
@@ -257,14 +260,14 @@ def code_fingerprint() -> str:
     return hashlib.sha256(b"".join(path.read_bytes() for path in files if path.exists())).hexdigest()
 
 
-def write_history(run_id: str) -> None:
+def write_history(run_id: str, history_file: Path, curves_file: Path) -> None:
     client = mlflow.MlflowClient()
     table = pd.DataFrame({
         # A re-done epoch is logged twice with the same values: keep one point per step.
         metric: {point.step + 1: point.value for point in client.get_metric_history(run_id, metric)}
         for metric in ("loss", "accuracy", "val_loss", "val_accuracy")
     }).sort_index().rename_axis("epoch").reset_index()
-    write_csv(HISTORY_FILE, table)
+    write_csv(history_file, table)
 
     from matplotlib.ticker import MaxNLocator
 
@@ -276,8 +279,7 @@ def write_history(run_id: str) -> None:
         axes.xaxis.set_major_locator(MaxNLocator(integer=True))
         axes.grid(alpha=0.3)
         axes.legend()
-    save_figure(figure, CURVES_FILE)
-    print(f"train: wrote {HISTORY_FILE} and {CURVES_FILE}", file=sys.stderr)
+    save_figure(figure, curves_file)
 
 
 if __name__ == "__main__":

@@ -136,6 +136,7 @@ def test_run_tags_and_committed_file_hold_the_numeric_environment(tagged_project
     project, _, _ = tagged_project
     committed = json.loads(git(project, "show", "v1:reports/numerics.json"))
     assert committed["cpu.isa"] and committed["onednn"] == "on" and committed["tensorflow.version"]
-    [tagged_run] = mlflow.search_runs(experiment_names=["mnist"], output_format="list",
-                                      filter_string="params.`train.learning_rate` = '0.001'")
+    tagged_run = mlflow.search_runs(experiment_names=["mnist"], output_format="list", max_results=1,
+                                    filter_string="params.`train.learning_rate` = '0.001'",
+                                    order_by=["attributes.start_time ASC"])[0]  # v1's, the first
     assert numerics.from_tags(tagged_run.data.tags) == committed
