@@ -167,6 +167,7 @@ def check_not_poorer(summary: pd.DataFrame) -> None:
             "or write the poorer table anyway with `make compare FORCE=1`")
 
 
+@tracking.store_faults()
 def compare(force: bool) -> None:
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # one bar per run is noise here
     tracking.connect()

@@ -59,6 +59,7 @@ def expected_from_revision(revision: str) -> tuple[str, dict, None, dict | None]
     return commit, metrics, None, environment
 
 
+@tracking.store_faults()
 def expected_from_run(run_id: str) -> tuple[str, dict, dict, dict | None]:
     tracking.connect()
     try:

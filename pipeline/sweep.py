@@ -21,6 +21,7 @@ from pipeline.config import SETTINGS, training_hash
 from pipeline.errors import PipelineError, guard
 
 
+@tracking.store_faults()
 def sweep(settings: list[str], seeds: int, jobs: int, devices: list[str], force: bool) -> None:
     tracking.connect()
     commit = tracking.git("rev-parse", "HEAD")

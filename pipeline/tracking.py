@@ -245,6 +245,7 @@ def log_artifacts(paths: list[Path], artifact_path: str) -> None:
     print(f"tracking: logged {len(paths)} artifacts to run {mlflow.active_run().info.run_id}", file=sys.stderr)
 
 
+@store_faults()
 def runs_url(host: str, port: int) -> None:
     """`make ui`, before starting the UI: checks that the port is free, prints the runs table's link."""
     import socket
