@@ -7,8 +7,10 @@ INSTALLED := $(VENV)/.installed
 # Loopback only, unless you say otherwise: the UI has no authentication.
 HOST ?= 127.0.0.1
 PORT ?= 5000
+# make serve: PORT when given, else 5001, so that the UI and the model server can run side by side.
+SERVE_PORT := $(if $(filter command line environment,$(origin PORT)),$(PORT),5001)
 
-.PHONY: help run test test-fast params ui server sweep compare reproduce push pull bench numerics lock clean
+.PHONY: help run test test-fast params ui server serve promote sweep compare reproduce push pull bench numerics lock clean
 
 ## help: this list
 help:
@@ -44,6 +46,15 @@ server: $(INSTALLED)
 		echo "error: server: set BACKEND_STORE_URI=postgresql://... and ARTIFACTS_DESTINATION=s3://bucket/path" >&2; exit 2; fi
 	mlflow server --backend-store-uri "$(BACKEND_STORE_URI)" --artifacts-destination "$(ARTIFACTS_DESTINATION)" \
 		--serve-artifacts --host $(HOST) --port $(PORT) $(UI_ARGS)
+
+## serve: MLflow's model server on http://$(HOST):$(SERVE_PORT) (PORT=, default 5001) for RUN=<run id>
+##   or MODEL=models:/mnist-classifier@champion; default: the latest training run
+serve: $(INSTALLED)
+	python -m pipeline.serve serve --host $(HOST) --port $(SERVE_PORT)
+
+## promote: register RUN=<run id>'s model as mnist-classifier and move its @champion alias to it
+promote: $(INSTALLED)
+	python -m pipeline.serve promote
 
 ## sweep: the four reference settings as queued DVC experiments (SEEDS=1, JOBS=1; DEVICES=0,1 FORCE=1 optional)
 sweep: $(INSTALLED)

@@ -17,8 +17,8 @@ with tensorflow_import_notices_hidden():
     import keras
 from pipeline.config import PARAMS_FILE, EvaluateConfig, run_stage
 from pipeline.errors import PipelineError
-from pipeline.data_io import (DIGITS, METRICS_FILE, MODEL_FILE, PREDICTIONS_FILE, REPORTS_DIR, load_split, require, save_array,
-                              staged_outputs, write_json)
+from pipeline.data_io import (DIGITS, MANIFEST_FILE, METRICS_FILE, MODEL_FILE, PREDICTIONS_FILE, REPORTS_DIR, load_split, require, read_json,
+                              save_array, staged_outputs, write_json)
 
 REPORT_FILE = REPORTS_DIR / "classification_report.json"
 
@@ -40,6 +40,7 @@ def evaluate(config: EvaluateConfig) -> None:
         write_json(staged / METRICS_FILE, metrics)
         write_json(staged / REPORT_FILE, report)
         mlflow.log_metrics({key: value for key, value in metrics.items() if value is not None})
+        tracking.log_dataset("test", test_images, test_labels, read_json(MANIFEST_FILE)["data_hash"])
         tracking.log_artifacts([staged / METRICS_FILE, staged / REPORT_FILE], "evaluation")
     print(f"evaluate: test accuracy {metrics['test_accuracy']:.4f}, loss {metrics['test_loss']:.4f}", file=sys.stderr)
     explain_difference_from_commit(metrics)

@@ -27,7 +27,7 @@ import mlflow
 from mlflow.exceptions import MlflowException
 
 from pipeline.errors import PipelineError, guard
-from pipeline.data_io import RUN_FILE, read_json
+from pipeline.data_io import PREPARED_DIR, RUN_FILE, read_json
 
 DEFAULT_EXPERIMENT = "mnist"
 SERVER_TIMEOUT_SECONDS = 5
@@ -237,6 +237,15 @@ def model_run() -> Iterator[mlflow.ActiveRun]:
                                 "or retrain into a new run with `dvc repro --force train`")
         with mlflow.start_run(run_id=run_id) as run:
             yield run
+
+
+def log_dataset(split: str, images, labels, data_hash: str) -> None:
+    """A data split as an MLflow dataset input: what the runs table's Dataset column shows and filters."""
+    import numpy as np
+
+    dataset = mlflow.data.from_numpy(np.asarray(images), targets=np.asarray(labels), name=f"mnist-{split}",
+                                     source=str((PREPARED_DIR / f"{split}_images.npy").resolve()))
+    mlflow.log_input(dataset, context=split, tags={"data.hash": data_hash})
 
 
 def log_artifacts(paths: list[Path], artifact_path: str) -> None:

@@ -1,0 +1,101 @@
+"""`make serve`, `make promote`: from a tracked run to a model people use.
+
+serve: MLflow's model server for a logged model (RUN=<run id>, MODEL=<models:/... URI>, default the
+latest finished training run) on 127.0.0.1; POST images to /invocations, get class probabilities.
+promote: registers a run's model in the Model Registry as REGISTERED_MODEL and moves the `champion`
+alias to that version, so `make serve MODEL=models:/mnist-classifier@champion` serves the best.
+example: the JSON body of one test image (data/prepared), for curl.
+"""
+
+import argparse
+import json
+import os
+import sys
+
+import mlflow
+import numpy as np
+
+from pipeline import tracking
+from pipeline.data_io import load_split
+from pipeline.errors import PipelineError, guard
+
+REGISTERED_MODEL = "mnist-classifier"
+ALIAS = "champion"
+
+
+def latest_training_run() -> str:
+    runs = mlflow.search_runs(experiment_ids=[tracking.experiment_id()], output_format="list", max_results=1,
+                              filter_string="attributes.status = 'FINISHED' and metrics.test_accuracy >= 0",
+                              order_by=["attributes.start_time DESC"])
+    if not runs:
+        raise PipelineError(f"no finished, evaluated training run in {tracking.tracking_uri()}; "
+                            "train one with `make run`, or name one with RUN=<run id>")
+    return runs[0].info.run_id
+
+
+def model_uri(run_id: str | None, model: str | None) -> str:
+    """The logged model to serve: MODEL as given, RUN's model, or the latest training run's."""
+    if run_id and model:
+        raise PipelineError("give RUN=<run id> or MODEL=<models:/... URI>, not both")
+    if model:
+        return model
+    run_id = run_id or latest_training_run()
+    if tracking.run_state(run_id) != "active":
+        raise PipelineError(f"no run {run_id} in {tracking.tracking_uri()} (or it is deleted)")
+    return f"runs:/{run_id}/model"
+
+
+@tracking.store_faults()
+def serve(run_id: str | None, model: str | None, host: str, port: int) -> None:
+    tracking.connect()
+    uri = model_uri(run_id, model)
+    print(f"serve: {uri} on http://{host}:{port}/invocations (Ctrl-C stops it)", file=sys.stderr)
+    sys.stdout.flush()
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    # The environment is this venv's (--env-manager local): the model was trained with it.
+    os.execvp("mlflow", ["mlflow", "models", "serve", "--model-uri", uri, "--env-manager", "local",
+                         "--host", host, "--port", str(port)])
+
+
+@tracking.store_faults()
+def promote(run_id: str | None) -> None:
+    if not run_id:
+        raise PipelineError("name the run to promote: `make promote RUN=<run id>` (`make ui` lists them)")
+    tracking.connect()
+    if tracking.run_state(run_id) != "active":
+        raise PipelineError(f"no run {run_id} in {tracking.tracking_uri()} (or it is deleted)")
+    version = mlflow.register_model(f"runs:/{run_id}/model", REGISTERED_MODEL)
+    mlflow.MlflowClient().set_registered_model_alias(REGISTERED_MODEL, ALIAS, version.version)
+    print(f"promote: run {run_id} is {REGISTERED_MODEL} version {version.version}, alias @{ALIAS}; "
+          f"serve it with `make serve MODEL=models:/{REGISTERED_MODEL}@{ALIAS}`", file=sys.stderr)
+
+
+def example(index: int) -> None:
+    images, labels = load_split("test")
+    if not 0 <= index < len(labels):
+        raise PipelineError(f"--index must be between 0 and {len(labels) - 1}, got {index}")
+    print(json.dumps({"inputs": np.asarray(images[index:index + 1]).round(4).tolist()}))
+    print(f"example: test image {index}, a {labels[index]}", file=sys.stderr)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+    serving = commands.add_parser("serve", help="serve a logged model (env RUN or MODEL)")
+    serving.add_argument("--host", default="127.0.0.1")
+    serving.add_argument("--port", type=int, default=5001)
+    commands.add_parser("promote", help="register RUN's model and point the champion alias at it")
+    one = commands.add_parser("example", help="one test image as the server's JSON input")
+    one.add_argument("--index", type=int, default=0)
+    arguments = parser.parse_args()
+    run_id, model = os.environ.get("RUN") or None, os.environ.get("MODEL") or None
+    if arguments.command == "serve":
+        guard("serve", serve, run_id, model, arguments.host, arguments.port)
+    elif arguments.command == "promote":
+        guard("promote", promote, run_id)
+    else:
+        guard("example", example, arguments.index)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,77 @@
+"""From a run to a model people use: served by MLflow's model server, promoted in the registry, and
+its data visible as MLflow datasets."""
+
+import json
+import shutil
+import subprocess
+import urllib.request
+
+import mlflow
+import numpy as np
+import pytest
+
+from tests.helpers import error_lines, free_port, run, stop, venv_for, wait_for
+
+pytestmark = pytest.mark.slow  # serves the model trained by the shared tiny pipeline run
+
+MAKE = ["make", "--no-print-directory"]
+
+
+@pytest.fixture
+def trained(pipeline_run, tmp_path):
+    """A copy of the shared tiny pipeline run (promote writes to the registry of its store)."""
+    project, env, _ = pipeline_run
+    copy = tmp_path / "project"
+    shutil.copytree(project, copy, symlinks=True)
+    venv_for(copy)
+    mlflow.set_tracking_uri(f"sqlite:///{copy / 'mlflow.db'}")
+    [tracked] = mlflow.search_runs(experiment_names=["mnist"], output_format="list")
+    return copy, env, tracked
+
+
+def predicted_classes(project, env, port: int, count: int, **variables) -> np.ndarray:
+    """`make serve` on a free loopback port; the classes it answers for the first test images."""
+    server = subprocess.Popen([*MAKE, "serve", f"PORT={port}"], cwd=project, env={**env, **variables},
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        wait_for(f"http://127.0.0.1:{port}/ping", server, seconds=180)
+        images = np.load(project / "data/prepared/test_images.npy")[:count]
+        request = urllib.request.Request(f"http://127.0.0.1:{port}/invocations", method="POST",
+                                         data=json.dumps({"inputs": images.tolist()}).encode(),
+                                         headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(request, timeout=60) as response:
+            return np.asarray(json.load(response)["predictions"]).argmax(axis=1)
+    finally:
+        stop(server)
+
+
+def test_served_and_promoted_model_answers_like_the_pipeline(trained):
+    project, env, tracked = trained
+    pipeline_classes = np.load(project / "data/predictions/test_probabilities.npy")[:20].argmax(axis=1)
+    assert list(predicted_classes(project, env, free_port(), 20)) == list(pipeline_classes)  # the latest run
+
+    promoted = run(project, [*MAKE, "promote", f"RUN={tracked.info.run_id}"], env)
+    assert "mnist-classifier version 1, alias @champion" in promoted.stderr
+    version = mlflow.MlflowClient().get_model_version_by_alias("mnist-classifier", "champion")
+    assert version.run_id == tracked.info.run_id
+    by_alias = predicted_classes(project, env, free_port(), 20, MODEL="models:/mnist-classifier@champion")
+    assert list(by_alias) == list(pipeline_classes)
+
+
+def test_promote_without_a_run_is_one_line(trained):
+    project, env, _ = trained
+    result = run(project, [*MAKE, "promote"], env, check=False)
+    assert result.returncode != 0
+    assert error_lines(result.stderr) == [
+        "error: promote: name the run to promote: `make promote RUN=<run id>` (`make ui` lists them)"]
+
+
+def test_the_data_splits_are_mlflow_datasets(trained):
+    project, _, tracked = trained
+    manifest = json.loads((project / "data/prepared/manifest.json").read_text())
+    inputs = mlflow.get_run(tracked.info.run_id).inputs.dataset_inputs
+    by_context = {next(tag.value for tag in item.tags if tag.key == "mlflow.data.context"): item for item in inputs}
+    assert sorted(by_context) == ["test", "train", "validation"]
+    for split, item in by_context.items():
+        assert item.dataset.name == f"mnist-{split}" and item.dataset.digest
+        assert {tag.key: tag.value for tag in item.tags}["data.hash"] == manifest["data_hash"]
