@@ -4,6 +4,10 @@ PYTHON ?= python3
 VENV := .venv
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 INSTALLED := $(VENV)/.installed
+# With an NVIDIA GPU (nvidia-smi lists one, or GPU=1), TensorFlow needs its CUDA libraries:
+# requirements-gpu.lock is requirements.lock plus tensorflow[and-cuda]'s packages. GPU=0 forces the CPU lock.
+GPU ?= $(shell nvidia-smi --list-gpus >/dev/null 2>&1 && echo 1 || echo 0)
+LOCK := $(if $(filter 1,$(GPU)),requirements-gpu.lock,requirements.lock)
 # Loopback only, unless you say otherwise: the UI has no authentication.
 HOST ?= 127.0.0.1
 PORT ?= 5000
@@ -85,17 +89,20 @@ bench: $(INSTALLED)
 numerics: $(INSTALLED)
 	python bench/numerics.py
 
-## lock: re-resolve pyproject.toml's ranges into requirements.lock (needs the network)
+## lock: re-resolve pyproject.toml's ranges into requirements.lock, then requirements-gpu.lock (the same
+##   plus TensorFlow's CUDA libraries, resolved by pip --dry-run: nothing downloaded); needs the network
 lock:
 	rm -rf .lock-venv && $(PYTHON) -m venv .lock-venv
 	.lock-venv/bin/pip install --quiet --upgrade pip && .lock-venv/bin/pip install --quiet ".[test]"
 	{ sed -n 1p requirements.lock; .lock-venv/bin/pip freeze --exclude mnist-pipeline; } > requirements.lock.new
-	mv requirements.lock.new requirements.lock && rm -rf .lock-venv
+	mv requirements.lock.new requirements.lock
+	.lock-venv/bin/python tools/gpu_lock.py && rm -rf .lock-venv
 
-$(INSTALLED): requirements.lock
+$(INSTALLED): $(LOCK) requirements.lock
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install --quiet --upgrade pip
-	$(VENV)/bin/pip install --quiet -r requirements.lock
+	$(VENV)/bin/pip install --quiet -r $(LOCK)
+	@echo "installed .venv from $(LOCK)"
 	touch $@
 
 ## clean: remove the environment (outputs stay in the DVC cache)

@@ -258,7 +258,7 @@ def describe_run(model_config: MlpConfig | CnnConfig, train_config: TrainConfig,
 def code_fingerprint() -> str:
     """What else decides the weights: the code that shapes them and the exact packages."""
     files = [Path(module.__file__) for module in (sys.modules[__name__], models, data_io)]
-    files.append(tracking.project_root() / "requirements.lock")
+    files += [tracking.project_root() / lock for lock in ("requirements.lock", "requirements-gpu.lock")]
     return hashlib.sha256(b"".join(path.read_bytes() for path in files if path.exists())).hexdigest()
 
 
