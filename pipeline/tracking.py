@@ -266,8 +266,10 @@ def runs_url(host: str, port: int) -> None:
             raise PipelineError(f"cannot serve the UI on {host}:{port} ({error.strerror}); stop what uses the "
                                 f"port (another `make ui`?) or choose another: `make ui PORT={port + 1}`") from None
     connect()
-    # MLflow 3 opens an experiment on its GenAI overview; #/experiments/<id>/runs is the runs table.
-    print(f"Training runs: http://{host}:{port}/#/experiments/{experiment_id()}/runs")
+    # MLflow 3 opens an experiment on its GenAI overview; #/experiments/<id>/runs is the runs table,
+    # here sorted by test accuracy, best first (the URL carries the sort; columns are chosen in the UI).
+    print(f"Training runs: http://{host}:{port}/#/experiments/{experiment_id()}/runs"
+          "?orderByKey=metrics.%60test_accuracy%60&orderByAsc=false")
 
 
 if __name__ == "__main__":

@@ -8,7 +8,7 @@ import sys
 import pytest
 import yaml
 
-from tests.helpers import REPO, environment, error_lines, make_project, run
+from tests.helpers import REPO, environment, error_lines, free_port, make_project, run
 
 # The project copies have no .venv of their own: the tests' interpreter stands in for it.
 MAKE = ["make", "--no-print-directory", "-o", ".venv/.installed"]
@@ -116,3 +116,12 @@ def test_a_cpu_run_speaks_to_people(pipeline_run):
         assert noise not in output, f"{noise!r} in the output of `dvc repro`"
     assert "Results: test accuracy" in result.stderr and "reports/metrics.json" in result.stderr
     assert "reports/error_analysis/misclassified.png" in result.stderr and "`make ui`" in result.stderr
+
+
+def test_make_ui_link_opens_the_runs_table_sorted_by_test_accuracy(tmp_path, mnist_url):
+    project = make_project(tmp_path)
+    port = free_port()
+    result = run(project, [sys.executable, "-m", "pipeline.tracking", "runs-url", "--port", str(port)],
+                 environment(mnist_url))
+    assert result.stdout.strip() == (f"Training runs: http://127.0.0.1:{port}/#/experiments/1/runs"
+                                     "?orderByKey=metrics.%60test_accuracy%60&orderByAsc=false")
