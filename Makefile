@@ -42,14 +42,14 @@ ui: $(INSTALLED)
 	mlflow ui --backend-store-uri "$${MLFLOW_TRACKING_URI:-sqlite:///$(CURDIR)/mlflow.db}" \
 		--default-artifact-root "$(CURDIR)/mlartifacts" --host $(HOST) --port $(PORT) $(UI_ARGS)
 
-## server: a team MLflow server: PostgreSQL store, S3 artifacts proxied by the server
+## server: a team MLflow server with authentication: PostgreSQL store, S3 artifacts proxied by the server
 ##   BACKEND_STORE_URI=postgresql://user@host:port/db ARTIFACTS_DESTINATION=s3://bucket/path
-##   (S3 credentials from AWS_* and MLFLOW_S3_ENDPOINT_URL for an S3-compatible service)
+##   MLFLOW_AUTH_ADMIN_PASSWORD (or MLFLOW_AUTH_ADMIN_PASSWORD_FILE outside the repository);
+##   SERVER_NAME=<the name clients use> when HOST is not loopback; AUTH_DATABASE_URI (users and
+##   permissions; default ~/.mlflow/mnist-basic-auth.db); AUTH=0 (refused unless HOST is loopback).
+##   S3 credentials from AWS_* and MLFLOW_S3_ENDPOINT_URL for an S3-compatible service.
 server: $(INSTALLED)
-	@if [ -z "$(BACKEND_STORE_URI)" ] || [ -z "$(ARTIFACTS_DESTINATION)" ]; then \
-		echo "error: server: set BACKEND_STORE_URI=postgresql://... and ARTIFACTS_DESTINATION=s3://bucket/path" >&2; exit 2; fi
-	mlflow server --backend-store-uri "$(BACKEND_STORE_URI)" --artifacts-destination "$(ARTIFACTS_DESTINATION)" \
-		--serve-artifacts --host $(HOST) --port $(PORT) $(UI_ARGS)
+	python -m pipeline.server --host $(HOST) --port $(PORT)
 
 ## serve: MLflow's model server on http://$(HOST):$(SERVE_PORT) (PORT=, default 5001) for RUN=<run id>
 ##   or MODEL=models:/mnist-classifier@champion; default: the latest training run

@@ -66,10 +66,35 @@ def connect() -> str:
             reason = getattr(error, "reason", None) or error
             raise PipelineError(f"MLflow tracking server {uri} does not answer ({reason}); start it "
                                 "(`make server`) or unset MLFLOW_TRACKING_URI to use the local store") from None
+        check_login(uri)
     elif uri.startswith("sqlite:///"):
         check_sqlite_store(Path(uri.removeprefix("sqlite:///")), uri)
     mlflow.set_tracking_uri(uri)
     return uri
+
+
+def check_login(uri: str) -> None:
+    """A server with authentication: the credentials MLflow will send must be accepted, before any work."""
+    import base64
+
+    request = urllib.request.Request(f"{uri.rstrip('/')}/api/2.0/mlflow/experiments/search?max_results=1")
+    username, password = os.environ.get("MLFLOW_TRACKING_USERNAME"), os.environ.get("MLFLOW_TRACKING_PASSWORD")
+    if os.environ.get("MLFLOW_TRACKING_TOKEN"):
+        request.add_header("Authorization", f"Bearer {os.environ['MLFLOW_TRACKING_TOKEN']}")
+    elif username:
+        request.add_header("Authorization", "Basic " + base64.b64encode(f"{username}:{password or ''}".encode()).decode())
+    try:
+        urllib.request.urlopen(request, timeout=SERVER_TIMEOUT_SECONDS).close()
+    except urllib.error.HTTPError as error:
+        if error.code != 401:
+            return  # anything else is for the request that meets it (store_faults)
+        if not (username or os.environ.get("MLFLOW_TRACKING_TOKEN")):
+            raise PipelineError(f"MLflow tracking server {uri} requires a login; set MLFLOW_TRACKING_USERNAME and "
+                                "MLFLOW_TRACKING_PASSWORD (or MLFLOW_TRACKING_TOKEN)") from None
+        raise PipelineError(f"MLflow tracking server {uri} rejected the login of MLFLOW_TRACKING_USERNAME={username}; "
+                            "check MLFLOW_TRACKING_PASSWORD (or ask an admin to reset it)") from None
+    except OSError:
+        return  # it answered /health a moment ago; a failure now is store_faults' to report
 
 
 def check_sqlite_store(path: Path, uri: str) -> None:
@@ -107,6 +132,10 @@ def describe_store_fault(error: Exception, uri: str) -> str | None:
     if "readonly database" in text:
         return f"the tracking store {uri} is read-only; make the file and its folder writable"
     status = re.search(r"error code (\d{3})", text) or re.search(r"\b(40[13]) Client Error", text)
+    username = os.environ.get("MLFLOW_TRACKING_USERNAME")
+    if status and status[1] == "403" and username:
+        return (f"MLflow tracking server {uri} refused the request (HTTP 403): MLFLOW_TRACKING_USERNAME={username} "
+                "lacks the permission (logging a run needs EDIT on the experiment); ask its manager or an admin")
     if status and status[1] in ("401", "403"):
         return (f"MLflow tracking server {uri} refused the request (HTTP {status[1]}); check the credentials "
                 "or the proxy in front of it")
