@@ -14,6 +14,7 @@ import urllib.request
 from pathlib import Path
 
 import boto3
+import numpy as np
 import mlflow
 import psycopg
 import pytest
@@ -197,3 +198,28 @@ def test_dvc_s3_remote_push_drop_pull(team_server, s3):
     again = run(project, ["dvc", "repro"], env)
     assert "Running stage" not in again.stdout
     assert (project / "models/model.keras").exists()
+
+
+def test_auth_promote_and_serve_from_the_team_server(team_server):
+    """`make promote` and `make serve` against the server: the registry and the proxied artifacts, logged in."""
+    project, env = team_server
+    run(project, ["dvc", "repro"], env)  # nothing to do when another test trained already
+    run_id = json.loads((project / "models/run.json").read_text())["run_id"]
+    promoted = run(project, ["make", "--no-print-directory", "promote", f"RUN={run_id}"], env)
+    assert "alias @champion" in promoted.stderr
+    port = free_port()
+    server = subprocess.Popen(["make", "serve", f"PORT={port}"], cwd=project,
+                              env={**env, "MODEL": "models:/mnist-classifier@champion"},
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        wait_for(f"http://127.0.0.1:{port}/ping", server, seconds=180)
+        images = np.load(project / "data/prepared/test_images.npy")[:10]
+        request = urllib.request.Request(f"http://127.0.0.1:{port}/invocations", method="POST",
+                                         data=json.dumps({"inputs": images.tolist()}).encode(),
+                                         headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(request, timeout=60) as response:
+            served = np.asarray(json.load(response)["predictions"]).argmax(axis=1)
+    finally:
+        stop(server)
+    expected = np.load(project / "data/predictions/test_probabilities.npy")[:10].argmax(axis=1)
+    assert list(served) == list(expected)
