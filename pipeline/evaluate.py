@@ -62,16 +62,17 @@ def explain_difference_from_commit(metrics: dict) -> None:
     here = json.loads(numerics.NUMERICS_FILE.read_text()) if numerics.NUMERICS_FILE.exists() else None
     differing = (numerics.differences(reference, here) if reference and here
                  else ["the commit records no numeric environment"])
-    was, now = json.loads(committed_metrics).get("test_accuracy"), metrics["test_accuracy"]
+    committed = json.loads(committed_metrics)
+    moved = ", ".join(f"{key} {metrics[key]:.10g} (committed {committed.get(key, float('nan')):.10g})"
+                      for key in sorted(metrics) if metrics[key] != committed.get(key) and metrics[key] is not None)
     if differing:
-        print(f"evaluate: note: test accuracy {now:.4f} differs from the committed {was:.4f} because this machine's "
-              f"numeric environment differs from the one that made it ({'; '.join(differing)}): the same code and "
-              "config give slightly different weights there. `make reproduce REV=HEAD` checks the committed result "
-              "within its tolerance", file=sys.stderr)
+        print(f"evaluate: note: {moved}: this machine's numeric environment differs from the one that made the "
+              f"committed result ({'; '.join(differing)}), and the same code and config give slightly different "
+              "weights there. `make reproduce REV=HEAD` checks the committed result within its tolerance",
+              file=sys.stderr)
     else:
-        print(f"evaluate: note: test accuracy {now:.4f} differs from the committed {was:.4f} with the same params "
-              "in the same numeric environment: code, data or packages differ from the commit "
-              "(see `git status` and `dvc status`)", file=sys.stderr)
+        print(f"evaluate: note: {moved}, with the committed params in the same numeric environment: code, data or "
+              "packages differ from the commit (see `git status` and `dvc status`)", file=sys.stderr)
 
 
 def score(labels: np.ndarray, probabilities: np.ndarray) -> tuple[dict, dict]:

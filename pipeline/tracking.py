@@ -270,10 +270,14 @@ def model_run() -> Iterator[mlflow.ActiveRun]:
 
 def log_dataset(split: str, images, labels, data_hash: str) -> None:
     """A data split as an MLflow dataset input: what the runs table's Dataset column shows and filters."""
+    import warnings
+
     import numpy as np
 
-    dataset = mlflow.data.from_numpy(np.asarray(images), targets=np.asarray(labels), name=f"mnist-{split}",
-                                     source=str((PREPARED_DIR / f"{split}_images.npy").resolve()))
+    with warnings.catch_warnings():  # MLflow 3.17 registers its local-file source twice, and says so
+        warnings.filterwarnings("ignore", message="The specified dataset source can be interpreted in multiple ways")
+        dataset = mlflow.data.from_numpy(np.asarray(images), targets=np.asarray(labels), name=f"mnist-{split}",
+                                         source=str((PREPARED_DIR / f"{split}_images.npy").resolve()))
     mlflow.log_input(dataset, context=split, tags={"data.hash": data_hash})
 
 
