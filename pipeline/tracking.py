@@ -179,7 +179,11 @@ def experiment_id() -> str:
 
 def git(*arguments: str, check: bool = False) -> str:
     """git's output; "" when it fails (outside a repository, say), or PipelineError with check."""
-    result = subprocess.run(["git", *arguments], capture_output=True, text=True)
+    try:
+        result = subprocess.run(["git", *arguments], capture_output=True, text=True)
+    except FileNotFoundError:
+        raise PipelineError("git is not installed (or not on PATH): the pipeline records each result's "
+                            "commit; install git (e.g. `apt-get install git`)") from None
     if result.returncode != 0 and check:
         reason = (result.stderr.strip().splitlines() or ["failed"])[-1]
         raise PipelineError(f"git {' '.join(arguments)}: {reason}")

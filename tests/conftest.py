@@ -2,6 +2,7 @@
 
 import functools
 import http.server
+import shutil
 import threading
 from pathlib import Path
 
@@ -30,6 +31,15 @@ def serve_directory():
 @pytest.fixture(scope="session")
 def mnist_url(serve_directory) -> str:
     return serve_directory(mnist_source())
+
+
+@pytest.fixture
+def trained_copy(pipeline_run, tmp_path):
+    """(copy, env): a copy of the shared tiny pipeline run, its store included, for one test to change."""
+    project, env, _ = pipeline_run
+    copy = tmp_path / "project"
+    shutil.copytree(project, copy, symlinks=True)
+    return copy, env
 
 
 @pytest.fixture(scope="session")

@@ -2,7 +2,6 @@
 its data visible as MLflow datasets."""
 
 import json
-import shutil
 import subprocess
 import urllib.request
 
@@ -18,11 +17,9 @@ MAKE = ["make", "--no-print-directory"]
 
 
 @pytest.fixture
-def trained(pipeline_run, tmp_path):
+def trained(trained_copy):
     """A copy of the shared tiny pipeline run (promote writes to the registry of its store)."""
-    project, env, _ = pipeline_run
-    copy = tmp_path / "project"
-    shutil.copytree(project, copy, symlinks=True)
+    copy, env = trained_copy
     venv_for(copy)
     mlflow.set_tracking_uri(f"sqlite:///{copy / 'mlflow.db'}")
     [tracked] = mlflow.search_runs(experiment_names=["mnist"], output_format="list")

@@ -2,7 +2,6 @@
 outputs stay byte for byte, and the store is left as it was and still opens."""
 
 import http.server
-import shutil
 import sqlite3
 import subprocess
 import sys
@@ -15,15 +14,6 @@ import pytest
 from tests.helpers import QuietHandler, error_lines, free_port, run, stop, wait_for, written_files
 
 pytestmark = pytest.mark.slow  # each test works on a copy of a tiny trained project
-
-
-@pytest.fixture
-def trained(pipeline_run, tmp_path):
-    """A copy of the shared tiny pipeline run, its store included, for one test to break."""
-    project, env, _ = pipeline_run
-    copy = tmp_path / "project"
-    shutil.copytree(project, copy, symlinks=True)
-    return copy, env
 
 
 def outputs(project) -> dict:
@@ -51,8 +41,8 @@ def store(project) -> mlflow.MlflowClient:
 
 
 @pytest.mark.parametrize("name", ["evaluate", "error_analysis"])
-def test_deleted_run(trained, name):
-    project, env = trained
+def test_deleted_run(trained_copy, name):
+    project, env = trained_copy
     [tracked] = store(project).search_runs(["1"])
     store(project).delete_run(tracked.info.run_id)
     before = outputs(project)
@@ -63,8 +53,8 @@ def test_deleted_run(trained, name):
     assert store(project).get_run(tracked.info.run_id).info.lifecycle_stage == "deleted"  # left as it was
 
 
-def test_deleted_experiment(trained):
-    project, env = trained
+def test_deleted_experiment(trained_copy):
+    project, env = trained_copy
     store(project).delete_experiment("1")
     before = outputs(project)
     result, _ = stage(project, env, "train")
@@ -75,8 +65,8 @@ def test_deleted_experiment(trained):
 
 
 @pytest.mark.parametrize("content", [b"not a database\n" * 100, "sqlite with other tables"], ids=["text", "other-sqlite"])
-def test_store_that_is_not_an_mlflow_store(trained, content):
-    project, env = trained
+def test_store_that_is_not_an_mlflow_store(trained_copy, content):
+    project, env = trained_copy
     database = project / "mlflow.db"
     database.unlink()
     if isinstance(content, bytes):
@@ -93,8 +83,8 @@ def test_store_that_is_not_an_mlflow_store(trained, content):
 
 @pytest.mark.parametrize("revision, fragment", [("0a8213491aaa", "was made by an older MLflow"),
                                                  ("ffffffffffff", "was made by a newer MLflow")], ids=["older", "newer"])
-def test_store_of_another_mlflow_version_is_not_migrated(trained, revision, fragment):
-    project, env = trained
+def test_store_of_another_mlflow_version_is_not_migrated(trained_copy, revision, fragment):
+    project, env = trained_copy
     database = project / "mlflow.db"
     with sqlite3.connect(database) as schema:
         schema.execute("UPDATE alembic_version SET version_num = ?", (revision,))
@@ -105,8 +95,8 @@ def test_store_of_another_mlflow_version_is_not_migrated(trained, revision, frag
     assert outputs(project) == before and database.read_bytes() == store_before
 
 
-def test_store_locked_by_another_writer(trained):
-    project, env = trained
+def test_store_locked_by_another_writer(trained_copy):
+    project, env = trained_copy
     before = outputs(project)
     lock = sqlite3.connect(project / "mlflow.db", isolation_level=None)
     lock.execute("BEGIN EXCLUSIVE")
@@ -137,17 +127,17 @@ def refusing_proxy():
     server.server_close()
 
 
-def test_server_that_refuses_the_request(trained, refusing_proxy):
-    project, env = trained
+def test_server_that_refuses_the_request(trained_copy, refusing_proxy):
+    project, env = trained_copy
     before = outputs(project)
     result, seconds = stage(project, env, "evaluate", MLFLOW_TRACKING_URI=refusing_proxy)
     assert_one_line(result, f"MLflow tracking server {refusing_proxy} refused the request (HTTP 403")
     assert seconds < 60 and outputs(project) == before
 
 
-def test_server_that_dies_during_training(trained, tmp_path):
+def test_server_that_dies_during_training(trained_copy, tmp_path):
     """A real `mlflow server` on a loopback port, stopped once the first epoch is logged."""
-    project, env = trained
+    project, env = trained_copy
     params = project / "params.yaml"
     # Long enough to be stopped in the middle: many short epochs on the tiny data.
     params.write_text(params.read_text().replace("epochs: 1", "epochs: 200").replace("batch_size: 64", "batch_size: 4"))
