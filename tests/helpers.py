@@ -5,6 +5,7 @@ composed from the real conf/ and shrunk (a few hundred images, one epoch).
 """
 
 import functools
+import json
 import http.server
 import os
 import shutil
@@ -16,6 +17,7 @@ import time
 import urllib.request
 from pathlib import Path
 
+import numpy as np
 import pytest
 import yaml
 from omegaconf import OmegaConf
@@ -143,3 +145,28 @@ def wait_for(url: str, process: subprocess.Popen, seconds: float = 120) -> None:
             if process.poll() is not None or time.monotonic() > deadline:
                 raise AssertionError(f"{url} did not come up: {process.args}")
             time.sleep(0.5)
+
+
+def run_stage(project: Path, env: dict, name: str, **extra: str) -> tuple[subprocess.CompletedProcess, float]:
+    """(result, wall seconds) of one stage run alone, `python -m pipeline.<name>`, allowed to fail."""
+    started = time.monotonic()
+    result = run(project, [sys.executable, "-m", f"pipeline.{name}"], {**env, **extra}, check=False)
+    return result, time.monotonic() - started
+
+
+def served_classes(project: Path, env: dict, count: int, **variables: str) -> np.ndarray:
+    """`make serve` on a free loopback port; the classes it answers for the first `count` test images."""
+    port = free_port()
+    server = subprocess.Popen(["make", "--no-print-directory", "serve", f"PORT={port}"], cwd=project,
+                              env={**env, **variables}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                              start_new_session=True)
+    try:
+        wait_for(f"http://127.0.0.1:{port}/ping", server, seconds=180)
+        images = np.load(project / "data/prepared/test_images.npy")[:count]
+        request = urllib.request.Request(f"http://127.0.0.1:{port}/invocations", method="POST",
+                                         data=json.dumps({"inputs": images.tolist()}).encode(),
+                                         headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(request, timeout=60) as response:
+            return np.asarray(json.load(response)["predictions"]).argmax(axis=1)
+    finally:
+        stop(server)

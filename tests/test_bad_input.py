@@ -4,13 +4,12 @@ import socket
 import struct
 import sys
 import threading
-import time
 
 import pytest
 
 from pipeline.errors import PipelineError
 from pipeline.data_io import parse_idx
-from tests.helpers import environment, error_lines, make_project, run, written_files
+from tests.helpers import environment, error_lines, make_project, run, run_stage, written_files
 
 
 def idx_images(count: int, rows: int = 28, columns: int = 28, magic: int = 0x803) -> bytes:
@@ -36,16 +35,11 @@ def prepared_project(tmp_path_factory, mnist_url):
     return project, env
 
 
-def stage(project, env, name, **extra_env):
-    started = time.monotonic()
-    result = run(project, [sys.executable, "-m", f"pipeline.{name}"], {**env, **extra_env}, check=False)
-    return result, time.monotonic() - started
-
 
 def test_missing_upstream_output(tmp_path, mnist_url):
     project = make_project(tmp_path)
     before = {path: path.read_bytes() for path in written_files(project)}
-    result, _ = stage(project, environment(mnist_url), "evaluate")
+    result, _ = run_stage(project, environment(mnist_url), "evaluate")
     assert result.returncode == 1
     assert error_lines(result.stderr) == [
         "error: evaluate: missing upstream output data/prepared/test_images.npy; run `dvc repro` to produce it"]
@@ -60,7 +54,7 @@ def test_corrupted_model_file(prepared_project):
     (project / "models/model.keras").write_bytes(b"PK\x03\x04 this is not a keras archive")
     (project / "models/run.json").write_text('{"run_id": "0", "experiment_id": "0"}')
     try:
-        result, _ = stage(project, env, "evaluate")
+        result, _ = run_stage(project, env, "evaluate")
     finally:
         (project / "models/model.keras").unlink()
         (project / "models/run.json").unlink()
@@ -79,7 +73,7 @@ def test_idx_file_with_wrong_magic_number(prepared_project):
     raw.chmod(0o644)
     raw.write_bytes(struct.pack(">II", 0x999, 10000) + original[8:])
     try:
-        result, _ = stage(project, env, "preprocess")
+        result, _ = run_stage(project, env, "preprocess")
     finally:
         raw.write_bytes(original)
     assert result.returncode == 1
@@ -96,7 +90,7 @@ def test_output_directory_that_cannot_be_written(prepared_project, tmp_path):
     (project / "models").mkdir(exist_ok=True)
     run(project, [sys.executable, "-m", "pipeline.train"], env)
     try:
-        result, _ = stage(project, env, "evaluate")
+        result, _ = run_stage(project, env, "evaluate")
     finally:
         blocked.unlink()
     assert result.returncode == 1
@@ -137,7 +131,7 @@ def silent_server():
 def test_unreachable_tracking_server_fails_fast(prepared_project, silent_server, server):
     project, env = prepared_project
     uri = silent_server if server == "silent" else "http://127.0.0.1:9"
-    result, seconds = stage(project, env, "train", MLFLOW_TRACKING_URI=uri)
+    result, seconds = run_stage(project, env, "train", MLFLOW_TRACKING_URI=uri)
     assert result.returncode == 1
     [line] = error_lines(result.stderr)
     assert line.startswith(f"error: train: MLflow tracking server {uri} does not answer (")

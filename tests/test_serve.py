@@ -2,14 +2,12 @@
 its data visible as MLflow datasets."""
 
 import json
-import subprocess
-import urllib.request
 
 import mlflow
 import numpy as np
 import pytest
 
-from tests.helpers import error_lines, free_port, run, stop, venv_for, wait_for
+from tests.helpers import error_lines, run, served_classes, venv_for
 
 pytestmark = pytest.mark.slow  # serves the model trained by the shared tiny pipeline run
 
@@ -26,32 +24,16 @@ def trained(trained_copy):
     return copy, env, tracked
 
 
-def predicted_classes(project, env, port: int, count: int, **variables) -> np.ndarray:
-    """`make serve` on a free loopback port; the classes it answers for the first test images."""
-    server = subprocess.Popen([*MAKE, "serve", f"PORT={port}"], cwd=project, env={**env, **variables},
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    try:
-        wait_for(f"http://127.0.0.1:{port}/ping", server, seconds=180)
-        images = np.load(project / "data/prepared/test_images.npy")[:count]
-        request = urllib.request.Request(f"http://127.0.0.1:{port}/invocations", method="POST",
-                                         data=json.dumps({"inputs": images.tolist()}).encode(),
-                                         headers={"Content-Type": "application/json"})
-        with urllib.request.urlopen(request, timeout=60) as response:
-            return np.asarray(json.load(response)["predictions"]).argmax(axis=1)
-    finally:
-        stop(server)
-
-
 def test_served_and_promoted_model_answers_like_the_pipeline(trained):
     project, env, tracked = trained
     pipeline_classes = np.load(project / "data/predictions/test_probabilities.npy")[:20].argmax(axis=1)
-    assert list(predicted_classes(project, env, free_port(), 20)) == list(pipeline_classes)  # the latest run
+    assert list(served_classes(project, env, 20)) == list(pipeline_classes)  # the latest run
 
     promoted = run(project, [*MAKE, "promote", f"RUN={tracked.info.run_id}"], env)
     assert "mnist-classifier version 1, alias @champion" in promoted.stderr
     version = mlflow.MlflowClient().get_model_version_by_alias("mnist-classifier", "champion")
     assert version.run_id == tracked.info.run_id
-    by_alias = predicted_classes(project, env, free_port(), 20, MODEL="models:/mnist-classifier@champion")
+    by_alias = served_classes(project, env, 20, MODEL="models:/mnist-classifier@champion")
     assert list(by_alias) == list(pipeline_classes)
 
 

@@ -11,7 +11,7 @@ import time
 import mlflow
 import pytest
 
-from tests.helpers import QuietHandler, error_lines, free_port, run, stop, wait_for, written_files
+from tests.helpers import QuietHandler, error_lines, free_port, run_stage, stop, wait_for, written_files
 
 pytestmark = pytest.mark.slow  # each test works on a copy of a tiny trained project
 
@@ -20,11 +20,6 @@ def outputs(project) -> dict:
     return {path: path.read_bytes() for folder in ("models", "reports", "data/predictions")
             for path in written_files(project / folder)}
 
-
-def stage(project, env, name, **extra):
-    started = time.monotonic()
-    result = run(project, [sys.executable, "-m", f"pipeline.{name}"], {**env, **extra}, check=False)
-    return result, time.monotonic() - started
 
 
 def assert_one_line(result, *fragments) -> str:
@@ -46,7 +41,7 @@ def test_deleted_run(trained_copy, name):
     [tracked] = store(project).search_runs(["1"])
     store(project).delete_run(tracked.info.run_id)
     before = outputs(project)
-    result, _ = stage(project, env, name)
+    result, _ = run_stage(project, env, name)
     assert_one_line(result, f"MLflow run {tracked.info.run_id} (from models/run.json) is deleted in",
                     f"mlflow runs restore --run-id {tracked.info.run_id}", "`dvc repro --force train`")
     assert outputs(project) == before
@@ -57,7 +52,7 @@ def test_deleted_experiment(trained_copy):
     project, env = trained_copy
     store(project).delete_experiment("1")
     before = outputs(project)
-    result, _ = stage(project, env, "train")
+    result, _ = run_stage(project, env, "train")
     assert_one_line(result, "MLflow experiment 'mnist' is deleted in", "mlflow experiments restore --experiment-id 1",
                     "MLFLOW_EXPERIMENT_NAME")
     assert outputs(project) == before
@@ -76,7 +71,7 @@ def test_store_that_is_not_an_mlflow_store(trained_copy, content):
             other.execute("CREATE TABLE invoices (id INTEGER)")
     store_before = database.read_bytes()
     before = outputs(project)
-    result, _ = stage(project, env, "evaluate")
+    result, _ = run_stage(project, env, "evaluate")
     assert_one_line(result, f"{database}", "not an MLflow store", "MLFLOW_TRACKING_URI")
     assert outputs(project) == before and database.read_bytes() == store_before
 
@@ -90,7 +85,7 @@ def test_store_of_another_mlflow_version_is_not_migrated(trained_copy, revision,
         schema.execute("UPDATE alembic_version SET version_num = ?", (revision,))
     store_before = database.read_bytes()
     before = outputs(project)
-    result, _ = stage(project, env, "evaluate")
+    result, _ = run_stage(project, env, "evaluate")
     assert_one_line(result, fragment)
     assert outputs(project) == before and database.read_bytes() == store_before
 
@@ -101,7 +96,7 @@ def test_store_locked_by_another_writer(trained_copy):
     lock = sqlite3.connect(project / "mlflow.db", isolation_level=None)
     lock.execute("BEGIN EXCLUSIVE")
     try:
-        result, seconds = stage(project, env, "evaluate")
+        result, seconds = run_stage(project, env, "evaluate")
     finally:
         lock.execute("ROLLBACK")
         lock.close()
@@ -130,7 +125,7 @@ def refusing_proxy():
 def test_server_that_refuses_the_request(trained_copy, refusing_proxy):
     project, env = trained_copy
     before = outputs(project)
-    result, seconds = stage(project, env, "evaluate", MLFLOW_TRACKING_URI=refusing_proxy)
+    result, seconds = run_stage(project, env, "evaluate", MLFLOW_TRACKING_URI=refusing_proxy)
     assert_one_line(result, f"MLflow tracking server {refusing_proxy} refused the request (HTTP 403")
     assert seconds < 60 and outputs(project) == before
 

@@ -20,7 +20,8 @@ import psycopg
 import pytest
 from mlflow.server import get_app_client
 
-from tests.helpers import environment, error_lines, free_port, make_project, run, stop, venv_for, wait_for
+from tests.helpers import (environment, error_lines, free_port, make_project, run, served_classes, stop, venv_for,
+                           wait_for)
 
 POSTGRES_BIN = sorted(glob.glob("/usr/lib/postgresql/*/bin"))
 BUCKET = "mnist-team"
@@ -207,19 +208,6 @@ def test_auth_promote_and_serve_from_the_team_server(team_server):
     run_id = json.loads((project / "models/run.json").read_text())["run_id"]
     promoted = run(project, ["make", "--no-print-directory", "promote", f"RUN={run_id}"], env)
     assert "alias @champion" in promoted.stderr
-    port = free_port()
-    server = subprocess.Popen(["make", "serve", f"PORT={port}"], cwd=project,
-                              env={**env, "MODEL": "models:/mnist-classifier@champion"},
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    try:
-        wait_for(f"http://127.0.0.1:{port}/ping", server, seconds=180)
-        images = np.load(project / "data/prepared/test_images.npy")[:10]
-        request = urllib.request.Request(f"http://127.0.0.1:{port}/invocations", method="POST",
-                                         data=json.dumps({"inputs": images.tolist()}).encode(),
-                                         headers={"Content-Type": "application/json"})
-        with urllib.request.urlopen(request, timeout=60) as response:
-            served = np.asarray(json.load(response)["predictions"]).argmax(axis=1)
-    finally:
-        stop(server)
+    served = served_classes(project, env, 10, MODEL="models:/mnist-classifier@champion")
     expected = np.load(project / "data/predictions/test_probabilities.npy")[:10].argmax(axis=1)
     assert list(served) == list(expected)
