@@ -98,7 +98,6 @@ class TrainConfig:
     epochs: int = MISSING
     seed: int = MISSING
     steps_per_execution: int = MISSING
-    jit_compile: bool = MISSING
     mixed_precision: bool = MISSING
     distribution: str = MISSING
     replicas: Optional[int] = MISSING

@@ -16,8 +16,7 @@ from tests.helpers import environment, make_project, run
 
 # Long enough epochs (a few seconds) to be killed in the middle of one; 188 steps per epoch, run
 # 10 at a time, which does not divide them.
-SLOW = ["data.limit=3000", "train.epochs=3", "train.batch_size=16", "train.steps_per_execution=10",
-        "train.jit_compile=false"]
+SLOW = ["data.limit=3000", "train.epochs=3", "train.batch_size=16", "train.steps_per_execution=10"]
 
 
 @pytest.mark.parametrize("steps_per_epoch, configured, expected", [(860, 100, 86), (188, 10, 4), (5, 100, 5),
