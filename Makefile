@@ -24,13 +24,18 @@ help:
 run: $(INSTALLED)
 	dvc repro
 
-## test: the test suite (real DVC, Hydra, MLflow and TensorFlow on tiny data)
+# Tests run in TEST_WORKERS processes (pytest-xdist; auto: one per core), a module's tests in one of
+# them, so that a module's shared project is built once. TEST_WORKERS=0: one process, in order.
+TEST_WORKERS ?= auto
+PYTEST := pytest $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist loadscope)
+
+## test: the test suite (real DVC, Hydra, MLflow and TensorFlow on tiny data; TEST_WORKERS=auto)
 test: $(INSTALLED)
-	pytest $(PYTEST_ARGS)
+	$(PYTEST) $(PYTEST_ARGS)
 
 ## test-fast: the tests that train nothing end to end (schema, parsers, error lines, CLI checks)
 test-fast: $(INSTALLED)
-	pytest -m "not slow" $(PYTEST_ARGS)
+	$(PYTEST) -m "not slow" $(PYTEST_ARGS)
 
 ## params: compose conf/ (plus OVERRIDES="key=value ...") into params.yaml
 params: $(INSTALLED)

@@ -2,13 +2,12 @@
 
 import functools
 import http.server
-import shutil
 import threading
 from pathlib import Path
 
 import pytest
 
-from tests.helpers import QuietHandler, SECRET, environment, make_project, mnist_source, run
+from tests.helpers import QuietHandler, SECRET, copy_project, environment, make_project, mnist_source, run
 
 @pytest.fixture(scope="session")
 def serve_directory():
@@ -37,9 +36,7 @@ def mnist_url(serve_directory) -> str:
 def trained_copy(pipeline_run, tmp_path):
     """(copy, env): a copy of the shared tiny pipeline run, its store included, for one test to change."""
     project, env, _ = pipeline_run
-    copy = tmp_path / "project"
-    shutil.copytree(project, copy, symlinks=True)
-    return copy, env
+    return copy_project(project, tmp_path / "project"), env
 
 
 @pytest.fixture(scope="session")

@@ -74,6 +74,15 @@ def make_project(destination: Path, overrides=TINY, shrink_conf: bool = False) -
     return destination
 
 
+def copy_project(project: Path, destination: Path) -> Path:
+    """A copy of a test project (git history, DVC cache and MLflow store included) for one test to change.
+
+    The store still names the original's artifact folder: runs the copy logs put their artifacts there.
+    """
+    shutil.copytree(project, destination, symlinks=True)
+    return destination
+
+
 def venv_for(project: Path) -> None:
     """Gives a project copy this interpreter's venv as its .venv, so its `make` targets run as-is."""
     if not (project / ".venv").exists():

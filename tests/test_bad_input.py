@@ -9,7 +9,7 @@ import pytest
 
 from pipeline.errors import PipelineError
 from pipeline.data_io import parse_idx
-from tests.helpers import environment, error_lines, make_project, run, run_stage, written_files
+from tests.helpers import copy_project, environment, error_lines, make_project, run, run_stage, written_files
 
 
 def idx_images(count: int, rows: int = 28, columns: int = 28, magic: int = 0x803) -> bytes:
@@ -27,12 +27,19 @@ def test_idx_parser_checks_magic_number_and_size():
 
 
 @pytest.fixture(scope="module")
-def prepared_project(tmp_path_factory, mnist_url):
+def prepared_original(tmp_path_factory, mnist_url):
     """A tiny project with download and preprocess done."""
     project = make_project(tmp_path_factory.mktemp("bad-input"))
     env = environment(mnist_url)
     run(project, ["dvc", "repro", "preprocess"], env)
     return project, env
+
+
+@pytest.fixture
+def prepared_project(prepared_original, tmp_path):
+    """This test's own copy of the prepared project, to break as it likes."""
+    project, env = prepared_original
+    return copy_project(project, tmp_path / "project"), env
 
 
 
@@ -53,11 +60,7 @@ def test_corrupted_model_file(prepared_project):
     (project / "models").mkdir(exist_ok=True)
     (project / "models/model.keras").write_bytes(b"PK\x03\x04 this is not a keras archive")
     (project / "models/run.json").write_text('{"run_id": "0", "experiment_id": "0"}')
-    try:
-        result, _ = run_stage(project, env, "evaluate")
-    finally:
-        (project / "models/model.keras").unlink()
-        (project / "models/run.json").unlink()
+    result, _ = run_stage(project, env, "evaluate")
     assert result.returncode == 1
     [line] = error_lines(result.stderr)
     assert line.startswith("error: evaluate: cannot load models/model.keras (")
@@ -69,13 +72,9 @@ def test_corrupted_model_file(prepared_project):
 def test_idx_file_with_wrong_magic_number(prepared_project):
     project, env = prepared_project
     raw = project / "data/raw/t10k-labels-idx1-ubyte"
-    original = raw.read_bytes()
     raw.chmod(0o644)
-    raw.write_bytes(struct.pack(">II", 0x999, 10000) + original[8:])
-    try:
-        result, _ = run_stage(project, env, "preprocess")
-    finally:
-        raw.write_bytes(original)
+    raw.write_bytes(struct.pack(">II", 0x999, 10000) + raw.read_bytes()[8:])
+    result, _ = run_stage(project, env, "preprocess")
     assert result.returncode == 1
     [line] = error_lines(result.stderr)
     assert line.startswith("error: preprocess: t10k-labels-idx1-ubyte: wrong IDX magic number 0x00000999")
@@ -89,10 +88,7 @@ def test_output_directory_that_cannot_be_written(prepared_project, tmp_path):
     blocked.write_text("a file where the stage needs a directory")
     (project / "models").mkdir(exist_ok=True)
     run(project, [sys.executable, "-m", "pipeline.train"], env)
-    try:
-        result, _ = run_stage(project, env, "evaluate")
-    finally:
-        blocked.unlink()
+    result, _ = run_stage(project, env, "evaluate")
     assert result.returncode == 1
     [line] = error_lines(result.stderr)
     assert line.startswith("error: evaluate: data/predictions is in the way (")

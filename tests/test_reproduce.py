@@ -8,13 +8,13 @@ import pytest
 
 from pipeline import numerics
 from pipeline.reproduce import CROSS_ENVIRONMENT_TOLERANCE
-from tests.helpers import environment, error_lines, git, make_project, run
+from tests.helpers import copy_project, environment, error_lines, git, make_project, run
 
 pytestmark = pytest.mark.slow  # every test here runs the pipeline end to end
 
 
 @pytest.fixture(scope="module")
-def tagged_project(tmp_path_factory, mnist_url):
+def tagged_original(tmp_path_factory, mnist_url):
     """A tiny pipeline run, committed and tagged `v1`; then a parameter changed and run again."""
     project = make_project(tmp_path_factory.mktemp("reproduce"))
     env = environment(mnist_url)
@@ -28,8 +28,16 @@ def tagged_project(tmp_path_factory, mnist_url):
     params.write_text(params.read_text().replace("learning_rate: 0.001", "learning_rate: 0.003"))
     run(project, ["dvc", "repro"], env)
     assert json.loads((project / "reports/metrics.json").read_text()) != tagged_metrics
-    mlflow.set_tracking_uri(f"sqlite:///{project / 'mlflow.db'}")
     return project, env, tagged_metrics
+
+
+@pytest.fixture
+def tagged_project(tagged_original, tmp_path):
+    """This test's own copy of the tagged project: what one test commits or trains, the next never sees."""
+    project, env, tagged_metrics = tagged_original
+    copy = copy_project(project, tmp_path / "project")
+    mlflow.set_tracking_uri(f"sqlite:///{copy / 'mlflow.db'}")
+    return copy, env, tagged_metrics
 
 
 def reproduce(project, env, **variables):
@@ -62,10 +70,7 @@ def test_run_from_a_dirty_tree_is_refused(tagged_project):
     assert dirty_run.data.tags["git.dirty"] == "false"  # params.yaml alone does not make a run dirty
     models = project / "pipeline/models.py"
     models.write_text(models.read_text() + "\n# an uncommitted change\n")
-    try:
-        run(project, ["dvc", "repro", "--force", "train"], env)
-    finally:
-        git(project, "checkout", "--", "pipeline/models.py")
+    run(project, ["dvc", "repro", "--force", "train"], env)
     newest = mlflow.search_runs(experiment_names=["mnist"], output_format="list",
                                 order_by=["attributes.start_time DESC"], max_results=1)[0]
     assert newest.data.tags["git.dirty"] == "true"
@@ -78,12 +83,9 @@ def test_run_from_a_dirty_tree_is_refused(tagged_project):
 def test_tampered_metrics_are_reported_as_a_mismatch(tagged_project):
     project, env, tagged_metrics = tagged_project
     git(project, "checkout", "-q", "-b", "tampered", "v1")
-    try:
-        (project / "reports/metrics.json").write_text(json.dumps({**tagged_metrics, "test_accuracy": 0.99}))
-        git(project, "-c", "user.name=test", "-c", "user.email=test@example.com", "commit", "-qm", "tamper", "--", "reports/metrics.json")
-        result = reproduce(project, env, REV="tampered")
-    finally:
-        git(project, "checkout", "-q", "-f", "main")
+    (project / "reports/metrics.json").write_text(json.dumps({**tagged_metrics, "test_accuracy": 0.99}))
+    git(project, "commit", "-qm", "tamper", "--", "reports/metrics.json")
+    result = reproduce(project, env, REV="tampered")
     assert result.returncode == 1
     assert error_lines(result.stderr) == [
         "error: reproduce: reproduction differs from tampered in test_accuracy beyond tolerance 0.0"]
@@ -105,13 +107,10 @@ def test_another_numeric_environment_is_named_and_judged_within_tolerance(tagged
 def test_tampered_metrics_fail_across_environments_too(tagged_project):
     project, env, tagged_metrics = tagged_project
     git(project, "checkout", "-q", "-b", "tampered-elsewhere", "v1")
-    try:
-        wrong = {**tagged_metrics, "test_accuracy": tagged_metrics["test_accuracy"] - 0.01}
-        (project / "reports/metrics.json").write_text(json.dumps(wrong))
-        git(project, "commit", "-qm", "tamper", "--", "reports/metrics.json")
-        result = reproduce(project, env, REV="tampered-elsewhere", TF_ENABLE_ONEDNN_OPTS="0")
-    finally:
-        git(project, "checkout", "-q", "-f", "main")
+    wrong = {**tagged_metrics, "test_accuracy": tagged_metrics["test_accuracy"] - 0.01}
+    (project / "reports/metrics.json").write_text(json.dumps(wrong))
+    git(project, "commit", "-qm", "tamper", "--", "reports/metrics.json")
+    result = reproduce(project, env, REV="tampered-elsewhere", TF_ENABLE_ONEDNN_OPTS="0")
     assert result.returncode == 1
     assert error_lines(result.stderr) == [
         "error: reproduce: reproduction differs from tampered-elsewhere in test_accuracy beyond their tolerance"]
@@ -121,12 +120,9 @@ def test_reference_without_numeric_environment_is_treated_as_unknown(tagged_proj
     """A commit from before results carried their fingerprint: said so, then judged within tolerance."""
     project, env, _ = tagged_project
     git(project, "checkout", "-q", "-b", "old-style", "v1")
-    try:
-        git(project, "rm", "-q", "reports/numerics.json")
-        git(project, "commit", "-qm", "a result without its numeric environment")
-        result = reproduce(project, env, REV="old-style")
-    finally:
-        git(project, "checkout", "-q", "-f", "main")
+    git(project, "rm", "-q", "reports/numerics.json")
+    git(project, "commit", "-qm", "a result without its numeric environment")
+    result = reproduce(project, env, REV="old-style")
     assert result.returncode == 0, result.stderr[-3000:]
     assert ("the reference records no numeric environment (reports/numerics.json is missing, made by an older "
             "version): treated as a different one") in result.stderr
