@@ -14,7 +14,7 @@ PORT ?= 5000
 # make serve: PORT when given, else 5001, so that the UI and the model server can run side by side.
 SERVE_PORT := $(if $(filter command line environment,$(origin PORT)),$(PORT),5001)
 
-.PHONY: help run test test-fast params ui server serve promote sweep compare reproduce push pull bench numerics lock clean
+.PHONY: help run test test-fast params ui server serve promote sweep tune compare reproduce push pull bench numerics lock clean
 
 ## help: this list
 help:
@@ -68,6 +68,14 @@ promote: $(INSTALLED)
 ## sweep: the four reference settings as queued DVC experiments (SEEDS=1, JOBS=1; DEVICES=0,1 FORCE=1 optional)
 sweep: $(INSTALLED)
 	python -m pipeline.sweep $(SETTINGS)
+
+## tune: an Optuna study (TPE) over conf/search/mlp.yaml (SPACE=): TRIALS=20 finished trials, each a
+##   DVC experiment and an MLflow run, chosen on validation accuracy, JOBS=1 at a time; then the best
+##   setting is written to conf/experiment/tuned.yaml and re-run with SEEDS=3 seeds for `make compare`.
+##   Run again to continue the study. STUDY_STORAGE=postgresql://... (default sqlite:///optuna.db)
+##   lets workers on several machines join one study; STUDY= names it (default: the space's name).
+tune: $(INSTALLED)
+	python -m pipeline.tune
 
 ## compare: regenerate reports/comparison.* and the README table from the tracked MLflow runs
 ##   (refuses to replace them with a table of fewer runs unless FORCE=1)

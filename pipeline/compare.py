@@ -21,7 +21,7 @@ import numpy as np
 import pandas as pd
 
 from pipeline import tracking
-from pipeline.config import SETTINGS, training_hash
+from pipeline.config import CONF_DIR, SETTINGS, TUNED_PRESET, training_hash
 from pipeline.data_io import REPORTS_DIR, atomic_write_text, pyplot, save_figure, write_csv
 from pipeline.errors import PipelineError, guard
 
@@ -39,7 +39,7 @@ README_BEGIN, README_END = "<!-- comparison:begin -->", "<!-- comparison:end -->
 def setting_runs() -> dict[str, list[mlflow.entities.Run]]:
     """{setting: its latest finished, evaluated run per seed}."""
     hashes = {training_hash([f"+experiment={name}"], without_seed=True): name
-              for name in SETTINGS}
+              for name in SETTINGS if (CONF_DIR / "experiment" / f"{name}.yaml").exists()}
     runs = mlflow.search_runs(experiment_ids=[tracking.experiment_id()], output_format="list",
                               filter_string="attributes.status = 'FINISHED' and metrics.test_accuracy >= 0",
                               order_by=["attributes.start_time DESC"])
@@ -93,6 +93,12 @@ def percent(value: float) -> str:
     return "—" if pd.isna(value) else f"{value:.2%}"
 
 
+def setting_label(setting: str) -> str:
+    """The setting's name; for `make tune`'s preset, how it was chosen (its header says)."""
+    chosen = re.search(r"the best of (\d+) trials", TUNED_PRESET.read_text()) if setting == "tuned" else None
+    return f"tuned (best of {chosen[1]} trials, chosen on validation)" if chosen else setting
+
+
 def markdown(summary: pd.DataFrame, per_class: pd.DataFrame) -> str:
     lines = [
         "| setting | model | epochs | batch | learning rate | measured test accuracy | n | claimed | fit time | runs |",
@@ -103,7 +109,7 @@ def markdown(summary: pd.DataFrame, per_class: pd.DataFrame) -> str:
             f" ± {row.test_accuracy_std:.2%}" if row.n > 1 else "")
         fit = "—" if pd.isna(row.fit_seconds_mean) else f"{row.fit_seconds_mean:.0f} s"
         runs = ", ".join(f"`{run_id[:8]}`" for run_id in row.run_ids.split())
-        lines.append(f"| {row.setting} | {row.model} | {row.epochs} | {row.batch_size} | {row.learning_rate} | "
+        lines.append(f"| {setting_label(row.setting)} | {row.model} | {row.epochs} | {row.batch_size} | {row.learning_rate} | "
                      f"{measured} | {row.n} | {percent(row.claimed_test_accuracy)} | {fit} | {runs} |")
     lines += ["", "Measured: mean ± sample standard deviation over seeds (n runs) on the official "
               "MNIST test set (10,000 images unless data.limit shrinks it). Claimed: the source article's figure, not reproduced here.", ""]

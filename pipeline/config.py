@@ -87,7 +87,9 @@ class CnnConfig:
 
 MODELS = {"mlp": MlpConfig, "cnn": CnnConfig}
 # The presets in conf/experiment/, in the comparison table's order; the first four are the article's.
-SETTINGS = ["default", "lr_x10", "batch_x10", "epochs_x10", "cnn"]
+# tuned.yaml exists once `make tune` has written its best setting.
+SETTINGS = ["default", "lr_x10", "batch_x10", "epochs_x10", "tuned", "cnn"]
+TUNED_PRESET = CONF_DIR / "experiment" / "tuned.yaml"
 DISTRIBUTIONS = ("single", "mirrored")
 
 

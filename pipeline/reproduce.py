@@ -154,7 +154,8 @@ def reproduce(revision: str | None, run_id: str | None, tolerance: float | None)
                 apply_params(worktree, params)
             (worktree / METRICS_FILE).unlink(missing_ok=True)
             dvc(worktree, "repro", "--pull", "preprocess")  # data: from cache or remote, else recomputed
-            dvc(worktree, "repro", "--force", "--downstream", "train")  # the result: recomputed for real
+            for stage in ("train", "evaluate"):  # the result, recomputed for real (error-analysis adds no metric)
+                dvc(worktree, "repro", "--force", "--single-item", stage)
             actual = json.loads((worktree / METRICS_FILE).read_text())
             fresh_environment = worktree / numerics.NUMERICS_FILE
             environment = json.loads(fresh_environment.read_text()) if fresh_environment.exists() else None

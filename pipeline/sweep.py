@@ -17,7 +17,7 @@ import time
 import mlflow
 
 from pipeline import tracking
-from pipeline.config import SETTINGS, training_hash
+from pipeline.config import SETTINGS, TUNED_PRESET, training_hash
 from pipeline.errors import PipelineError, guard
 
 
@@ -40,7 +40,8 @@ def sweep(settings: list[str], seeds: int, jobs: int, devices: list[str], force:
                 continue
             # A finished experiment of the same name would make DVC refuse the new one.
             subprocess.run(["dvc", "exp", "remove", name], capture_output=True)
-            command = ["dvc", "exp", "run", "--queue", "--name", name]
+            # --copy-paths: the preset goes along even when git does not track it yet (tuned.yaml).
+            command = ["dvc", "exp", "run", "--queue", "--name", name, "--copy-paths", f"conf/experiment/{setting}.yaml"]
             command += [argument for override in overrides for argument in ("--set-param", override)]
             subprocess.run(command + (["--force"] if force else []), check=True)
             queued[name] = hash_
@@ -124,7 +125,7 @@ def tracked_run_id(hash_: str, commit: str | None, sweep: str | None = None) -> 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("settings", nargs="*", default=[name for name in SETTINGS if name != "cnn"],
+    parser.add_argument("settings", nargs="*", default=SETTINGS[:4],
                         help=f"from conf/experiment/ (default: the four reference settings; all: {', '.join(SETTINGS)})")
     parser.add_argument("--seeds", type=int, default=int(os.environ.get("SEEDS", 1)), help="seeds 0..N-1 (env SEEDS)")
     parser.add_argument("--jobs", type=int, default=int(os.environ.get("JOBS", 1)), help="parallel queue workers (env JOBS)")
@@ -141,6 +142,8 @@ def main() -> None:
         unknown = sorted(set(arguments.settings) - set(SETTINGS))
         if unknown:
             raise PipelineError(f"unknown setting {unknown[0]!r}; allowed: {', '.join(SETTINGS)} (conf/experiment/)")
+        if "tuned" in arguments.settings and not TUNED_PRESET.exists():
+            raise PipelineError(f"{TUNED_PRESET} does not exist yet: `make tune` writes it")
         devices = arguments.devices.split(",") if arguments.devices else visible_gpus()
         try:
             sweep(arguments.settings, arguments.seeds, arguments.jobs, devices, arguments.force)

@@ -68,9 +68,22 @@ def connect() -> str:
                                 "(`make server`) or unset MLFLOW_TRACKING_URI to use the local store") from None
         check_login(uri)
     elif uri.startswith("sqlite:///"):
-        check_sqlite_store(Path(uri.removeprefix("sqlite:///")), uri)
+        path = Path(uri.removeprefix("sqlite:///"))
+        check_sqlite_store(path, uri)
+        open_sqlite_store(path, uri)
     mlflow.set_tracking_uri(uri)
     return uri
+
+
+def open_sqlite_store(path: Path, uri: str) -> None:
+    """Opens (and on first use creates) the store, one process at a time: MLflow's schema migrations,
+    run by two processes at once on a new file (two queue workers, two `make tune` workers), fail."""
+    from filelock import FileLock
+
+    if path.is_dir():
+        return  # unopenable: store_faults reports it when MLflow tries
+    with FileLock(f"{path}.lock"):
+        mlflow.MlflowClient(uri).search_experiments(max_results=1)  # MLflow keeps the opened store
 
 
 def check_login(uri: str) -> None:

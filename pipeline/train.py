@@ -241,8 +241,10 @@ def describe_run(model_config: MlpConfig | CnnConfig, train_config: TrainConfig,
     }
     if "CUDA_VISIBLE_DEVICES" in os.environ:  # set per queue worker by `make sweep`
         tags["env.cuda_visible_devices"] = os.environ["CUDA_VISIBLE_DEVICES"]
-    if os.environ.get("PIPELINE_SWEEP"):
-        tags["sweep"] = os.environ["PIPELINE_SWEEP"]
+    # Set by `make sweep` and `make tune` for the experiments they run.
+    for variable, tag in (("PIPELINE_SWEEP", "sweep"), ("PIPELINE_STUDY", "tune.study"), ("PIPELINE_TRIAL", "tune.trial")):
+        if os.environ.get(variable):
+            tags[tag] = os.environ[variable]
     # A DVC experiment's name (`make sweep` names them `lr_x10-seed0`) is the readable choice.
     run_name = os.environ.get("DVC_EXP_NAME") or (
         f"{model_config.name}-lr{train_config.learning_rate:g}-bs{train_config.batch_size}"

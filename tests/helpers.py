@@ -5,6 +5,7 @@ composed from the real conf/ and shrunk (a few hundred images, one epoch).
 """
 
 import functools
+import glob
 import json
 import http.server
 import os
@@ -25,6 +26,9 @@ from omegaconf import OmegaConf
 from pipeline.config import write_params
 
 REPO = Path(__file__).resolve().parent.parent
+POSTGRES_BIN = sorted(glob.glob("/usr/lib/postgresql/*/bin"))
+NEEDS_POSTGRES = pytest.mark.skipif(not POSTGRES_BIN or not shutil.which("runuser"),
+                                    reason="Debian's postgresql is not installed (.ci/run installs it)")
 TINY = ["data.limit=300", "train.epochs=1"]
 SECRET = "s3cr3t-token-that-must-never-be-logged"
 

@@ -2,12 +2,10 @@
 authentication) and a DVC S3 remote, all real servers on 127.0.0.1: Debian's PostgreSQL and moto's S3.
 `pytest -k "auth or permission"` selects the authentication tests."""
 
-import glob
 import json
 import shutil
 import subprocess
 import sys
-import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -20,40 +18,15 @@ import psycopg
 import pytest
 from mlflow.server import get_app_client
 
-from tests.helpers import (environment, error_lines, free_port, make_project, run, served_classes, stop, venv_for,
+from tests.helpers import (NEEDS_POSTGRES, environment, error_lines, free_port, make_project, run, served_classes, stop, venv_for,
                            wait_for)
 
-POSTGRES_BIN = sorted(glob.glob("/usr/lib/postgresql/*/bin"))
 BUCKET = "mnist-team"
 S3_ENV = {"AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test", "AWS_DEFAULT_REGION": "us-east-1"}
 ADMIN_PASSWORD = "adm1n-pa55word-that-must-never-be-logged"
 ADMIN = {"MLFLOW_TRACKING_USERNAME": "admin", "MLFLOW_TRACKING_PASSWORD": ADMIN_PASSWORD}
 
-pytestmark = [pytest.mark.slow, pytest.mark.skipif(not POSTGRES_BIN or not shutil.which("runuser"),
-                                                  reason="Debian's postgresql is not installed (.ci/run installs it)")]
-
-
-@pytest.fixture(scope="module")
-def postgres():
-    """A throwaway PostgreSQL cluster on a free loopback port, run as the postgres user."""
-    binaries = Path(POSTGRES_BIN[-1])
-    directory = Path(tempfile.mkdtemp(prefix="mnist-postgres-"))
-    shutil.chown(directory, "postgres")
-    port = free_port()
-    as_postgres = ["runuser", "-u", "postgres", "--"]
-    subprocess.run([*as_postgres, binaries / "initdb", "-D", directory / "data", "--auth=trust", "-U", "postgres"],
-                   check=True, capture_output=True)
-    subprocess.run([*as_postgres, binaries / "pg_ctl", "-D", directory / "data", "-l", directory / "log", "-w",
-                    "-o", f"-p {port} -k {directory} -c listen_addresses=127.0.0.1", "start"],
-                   check=True, capture_output=True)
-    try:
-        subprocess.run([*as_postgres, binaries / "createdb", "-h", "127.0.0.1", "-p", str(port), "mlflow"],
-                       check=True, capture_output=True)
-        yield f"postgresql://postgres@127.0.0.1:{port}/mlflow"
-    finally:
-        subprocess.run([*as_postgres, binaries / "pg_ctl", "-D", directory / "data", "-m", "fast", "stop"],
-                       capture_output=True)
-        shutil.rmtree(directory, ignore_errors=True)
+pytestmark = [pytest.mark.slow, NEEDS_POSTGRES]
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,246 @@
+"""`make tune`: an Optuna study over conf/search/<space>.yaml, each trial a DVC experiment and an MLflow run.
+
+Each trial is `dvc exp run --temp` with the trial's overrides (so `dvc exp show` lists it and it
+reproduces like any experiment); its train stage tags the MLflow run with the study and the trial
+number. The objective is the last epoch's validation accuracy: the test set never chooses.
+
+The study lives in Optuna's storage (STUDY_STORAGE; default: SQLite beside the MLflow store), so
+`make tune` again continues it, and workers on other machines pointed at one PostgreSQL storage
+join it. TRIALS counts the study's finished trials (complete or failed) across all of them.
+At the end the best setting is written to conf/experiment/tuned.yaml, a preset like the others,
+and re-run with SEEDS seeds through `make sweep`, which `make compare` shows as its own row.
+"""
+
+import argparse
+import os
+import subprocess
+import sys
+import time
+import warnings
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+import mlflow
+from omegaconf import MISSING, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from pipeline import tracking
+from pipeline.config import CONF_DIR, TUNED_PRESET, training_hash
+from pipeline.errors import PipelineError, guard
+
+SEARCH_DIR = CONF_DIR / "search"
+# A worker that dies without a word (SIGKILL, power cut) leaves its trial RUNNING; a trial whose
+# heartbeat is older than the grace period is marked failed by the next worker.
+HEARTBEAT_SECONDS, GRACE_SECONDS = 60, 180
+TOP = 5
+
+
+@dataclass
+class SearchParameter:
+    type: str = MISSING  # float, int or categorical
+    low: Optional[float] = None
+    high: Optional[float] = None
+    log: bool = False
+    choices: Optional[list[Any]] = None
+
+
+@dataclass
+class SearchSpace:
+    parameters: dict[str, SearchParameter] = field(default_factory=dict)
+
+
+def load_space(name: str) -> SearchSpace:
+    path, shown = SEARCH_DIR / f"{name}.yaml", f"conf/search/{name}.yaml"
+    if not path.exists():
+        known = ", ".join(sorted(file.stem for file in SEARCH_DIR.glob("*.yaml")))
+        raise PipelineError(f"no search space {shown}; SPACE= one of: {known}")
+    try:
+        space = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(SearchSpace), OmegaConf.load(path)))
+    except OmegaConfBaseException as error:
+        raise PipelineError(f"{shown}: {' '.join(str(error).split())}") from None
+    if not space.parameters:
+        raise PipelineError(f"{shown}: no parameters to search")
+    for key, parameter in space.parameters.items():
+        ranged = parameter.low is not None and parameter.high is not None and parameter.low < parameter.high
+        if not (parameter.type in ("float", "int") and ranged or parameter.type == "categorical" and parameter.choices):
+            raise PipelineError(f"{shown}: {key} needs type float or int with low < high, or type categorical "
+                                "with choices")
+        for value in parameter.choices or (parameter.low, parameter.high):  # before any trial runs
+            try:
+                training_hash([f"{key}={int(value) if parameter.type == 'int' else value}"])
+            except PipelineError as error:
+                raise PipelineError(f"{shown}: {error}") from None
+    return space
+
+
+def suggest(trial, space: SearchSpace) -> dict[str, Any]:
+    suggested = {}
+    for key, parameter in space.parameters.items():
+        if parameter.type == "categorical":
+            suggested[key] = trial.suggest_categorical(key, parameter.choices)
+        elif parameter.type == "int":
+            suggested[key] = trial.suggest_int(key, int(parameter.low), int(parameter.high), log=parameter.log)
+        else:
+            suggested[key] = trial.suggest_float(key, parameter.low, parameter.high, log=parameter.log)
+    return suggested
+
+
+class TrialFailed(Exception):
+    """A trial whose experiment failed: Optuna records it as failed and the study goes on."""
+
+
+def run_trial(trial, space: SearchSpace, study_name: str) -> float:
+    overrides = [f"{key}={value!r}" if isinstance(value, float) else f"{key}={value}"
+                 for key, value in suggest(trial, space).items()]
+    name = f"{study_name}-trial{trial.number}"
+    trial.set_user_attr("dvc_experiment", name)
+    print(f"tune: trial {trial.number}: {' '.join(overrides)}", file=sys.stderr)
+    subprocess.run(["dvc", "exp", "remove", name], capture_output=True)  # a failed earlier attempt's name
+    command = ["dvc", "exp", "run", "--temp", "--name", name]
+    command += [argument for override in overrides for argument in ("--set-param", override)]
+    env = {**os.environ, "PIPELINE_STUDY": study_name, "PIPELINE_TRIAL": str(trial.number)}
+    experiment = subprocess.run(command, env=env, capture_output=True, text=True)
+    if experiment.returncode != 0:
+        output = (experiment.stdout + experiment.stderr).splitlines()
+        # The stage's own `error:` line says why; a bug's traceback ends with the exception.
+        reason = next((line for line in output if line.startswith("error:")), None) or next(
+            (line for line in reversed(output) if line.strip() and not line.startswith("ERROR: failed to reproduce")), "")
+        trial.set_user_attr("fail_reason", reason.strip())
+        raise TrialFailed(f"experiment {name} failed: {reason.strip()}")
+    run = trial_run(study_name, trial.number) or earlier_run(overrides)
+    if run is None:
+        raise TrialFailed(f"experiment {name} finished but no MLflow run holds its result")
+    trial.set_user_attr("mlflow_run_id", run.info.run_id)
+    return run.data.metrics["val_accuracy"]  # the last epoch's
+
+
+def trial_run(study_name: str, number: int):
+    runs = mlflow.search_runs(experiment_ids=[tracking.experiment_id()], output_format="list", max_results=1,
+                              filter_string=f"tags.`tune.study` = '{study_name}' and tags.`tune.trial` = '{number}' "
+                                            "and attributes.status = 'FINISHED'")
+    return runs[0] if runs else None
+
+
+def earlier_run(overrides: list[str]):
+    """The run of an identical setting: DVC restores a stage it ran before from its run cache,
+    without executing it, so a repeated suggestion logs nothing new; the earlier run stands for it."""
+    runs = mlflow.search_runs(experiment_ids=[tracking.experiment_id()], output_format="list", max_results=1,
+                              filter_string=f"tags.`config.hash` = '{training_hash(overrides)}' "
+                                            "and attributes.status = 'FINISHED'",
+                              order_by=["attributes.start_time DESC"])
+    return runs[0] if runs else None
+
+
+def default_storage() -> str:
+    return f"sqlite:///{tracking.project_root() / 'optuna.db'}"
+
+
+@tracking.store_faults()
+def tune(space_name: str, trials: int, jobs: int, storage_url: str, study_name: str, seeds: int) -> None:
+    import optuna
+
+    space = load_space(space_name)
+    tracking.connect()
+    optuna.logging.set_verbosity(optuna.logging.ERROR)  # one line per trial is printed here instead
+    storage = open_storage(storage_url)
+    # No sampler seed: workers on other machines seeded alike would suggest the same settings.
+    study = optuna.create_study(study_name=study_name, storage=storage, direction="maximize",
+                                sampler=optuna.samplers.TPESampler(), load_if_exists=True)
+    finished = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.FAIL)
+    done = len(study.get_trials(states=finished))
+    print(f"tune: study {study_name!r} in {storage_url}: {done} of {trials} trials finished; "
+          f"{jobs} at a time", file=sys.stderr)
+    started = time.monotonic()
+    if done < trials:
+        study.optimize(lambda trial: run_trial(trial, space, study_name), n_jobs=jobs, catch=(TrialFailed,),
+                       callbacks=[optuna.study.MaxTrialsCallback(trials, states=finished), report])
+    complete = study.get_trials(states=(optuna.trial.TrialState.COMPLETE,))
+    if not complete:
+        raise PipelineError(f"no trial of study {study_name!r} completed; see the failed trials' lines above")
+    print_top(complete, time.monotonic() - started)
+    write_preset(study, len(study.get_trials(states=finished)))
+    if seeds:
+        from pipeline.sweep import sweep
+
+        try:  # one at a time, so that their fit times compare with the comparison table's other rows
+            sweep(["tuned"], seeds, 1, [], force=False)
+        except subprocess.CalledProcessError as error:
+            raise PipelineError(f"`{' '.join(error.cmd)}` failed (exit {error.returncode}); see its output above") from None
+
+
+def open_storage(url: str):
+    """Optuna's storage; workers starting together on a new database race to create its tables."""
+    import optuna
+    import sqlalchemy.exc
+
+    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)  # heartbeat_interval
+    for attempt in range(3):
+        try:
+            return optuna.storages.RDBStorage(url, heartbeat_interval=HEARTBEAT_SECONDS, grace_period=GRACE_SECONDS)
+        except sqlalchemy.exc.IntegrityError:  # another worker created them first: open them again
+            time.sleep(1 + attempt)
+    return optuna.storages.RDBStorage(url, heartbeat_interval=HEARTBEAT_SECONDS, grace_period=GRACE_SECONDS)
+
+
+def report(study, trial) -> None:
+    """One line per finished trial, with the best so far."""
+    import optuna
+
+    outcome = (f"failed: {trial.user_attrs.get('fail_reason') or 'see above'}" if trial.value is None
+               else f"validation accuracy {trial.value:.4f}")
+    best = ""
+    if study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)):
+        best = f"; best so far {study.best_value:.4f} (trial {study.best_trial.number})"
+    print(f"tune: trial {trial.number} {outcome}{best}", file=sys.stderr)
+
+
+def print_top(complete: list, seconds: float) -> None:
+    ranked = sorted(complete, key=lambda trial: trial.value, reverse=True)[:TOP]
+    keys = list(ranked[0].params)
+    print(f"\ntune: top {len(ranked)} of {len(complete)} completed trials (this session {seconds / 60:.1f} min):")
+    print("  trial  val_accuracy  " + "  ".join(f"{key:>20}" for key in keys) + "  mlflow run")
+    for trial in ranked:
+        print(f"  {trial.number:>5}  {trial.value:>12.4f}  " + "  ".join(f"{trial.params[key]!s:>20}" for key in keys)
+              + f"  {trial.user_attrs.get('mlflow_run_id', '')}")
+
+
+def write_preset(study, finished: int) -> None:
+    best = study.best_trial
+    lines = ["# @package _global_",
+             f"# Written by `make tune`: the best of {finished} trials of study {study.study_name!r}, chosen on",
+             f"# validation accuracy ({best.value:.4f}, trial {best.number}); the test set played no part.",
+             "# `make sweep SETTINGS=tuned SEEDS=3` re-runs it, `make compare` shows it beside the article's four."]
+    sections: dict[str, dict[str, Any]] = {}
+    for key, value in best.params.items():
+        section, name = key.split(".", 1)
+        sections.setdefault(section, {})[name] = value
+    text = "\n".join(lines) + "\n" + OmegaConf.to_yaml(OmegaConf.create(sections))
+    TUNED_PRESET.write_text(text)
+    print(f"tune: best setting (trial {best.number}, validation accuracy {best.value:.4f}): "
+          f"{' '.join(f'{key}={value}' for key, value in best.params.items())}; written to conf/experiment/tuned.yaml",
+          file=sys.stderr)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--space", default=os.environ.get("SPACE") or "mlp", help="conf/search/<space>.yaml (env SPACE)")
+    parser.add_argument("--trials", type=int, default=int(os.environ.get("TRIALS") or 20),
+                        help="finished trials the study should hold (env TRIALS)")
+    parser.add_argument("--jobs", type=int, default=int(os.environ.get("JOBS") or 1),
+                        help="trials at a time in this process (env JOBS)")
+    parser.add_argument("--storage", default=os.environ.get("STUDY_STORAGE") or None,
+                        help="Optuna storage URL (env STUDY_STORAGE; default sqlite:///<project>/optuna.db)")
+    parser.add_argument("--study", default=os.environ.get("STUDY") or None,
+                        help="study name (env STUDY; default: the space's name)")
+    parser.add_argument("--seeds", type=int, default=int(os.environ.get("SEEDS") or 3),
+                        help="re-runs of the best setting, seeds 0..N-1 (env SEEDS; 0: none)")
+    arguments = parser.parse_args()
+    if arguments.trials < 1 or arguments.jobs < 1 or arguments.seeds < 0:
+        parser.error("TRIALS and JOBS must be >= 1, SEEDS >= 0")
+    guard("tune", tune, arguments.space, arguments.trials, arguments.jobs, arguments.storage or default_storage(),
+          arguments.study or arguments.space, arguments.seeds,
+          interrupted="the unfinished trial is recorded as failed; `make tune` again continues the study")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,120 @@
+"""`make tune`: an Optuna study whose trials are DVC experiments and MLflow runs, continued when run again,
+shared by workers through one storage; its best setting re-run with seeds and tabulated by `make compare`."""
+
+import json
+import subprocess
+import sys
+
+import mlflow
+import optuna
+import pandas as pd
+import pytest
+
+from tests.helpers import NEEDS_POSTGRES, environment, error_lines, git, make_project, run
+
+pytestmark = pytest.mark.slow  # every trial is a tiny `dvc exp run`
+
+
+def tune(project, env, *arguments, check=True):
+    return run(project, [sys.executable, "-m", "pipeline.tune", *arguments], env, check=check)
+
+
+def trials_in(storage: str, study: str) -> list[optuna.trial.FrozenTrial]:
+    return optuna.load_study(study_name=study, storage=storage).get_trials()
+
+
+def tagged_runs(project, study: str) -> list[mlflow.entities.Run]:
+    mlflow.set_tracking_uri(f"sqlite:///{project / 'mlflow.db'}")
+    return mlflow.search_runs(experiment_names=["mnist"], output_format="list",
+                              filter_string=f"tags.`tune.study` = '{study}'")
+
+
+def test_study_runs_trials_as_experiments_continues_and_its_best_is_compared(tmp_path, mnist_url):
+    project = make_project(tmp_path / "project", shrink_conf=True)
+    env = environment(mnist_url)
+    storage = f"sqlite:///{project / 'optuna.db'}"
+
+    first = tune(project, env, "--trials", "2", "--seeds", "2")
+    trials = trials_in(storage, "mlp")
+    assert [trial.state for trial in trials] == [optuna.trial.TrialState.COMPLETE] * 2
+    runs = {int(run.data.tags["tune.trial"]): run for run in tagged_runs(project, "mlp")}
+    assert sorted(runs) == [0, 1]
+    for trial in trials:  # the objective is the run's validation accuracy; the test set never chooses
+        run_ = runs[trial.number]
+        assert trial.value == run_.data.metrics["val_accuracy"]
+        assert trial.user_attrs["mlflow_run_id"] == run_.info.run_id
+        assert run_.data.tags["dvc.exp_name"] == f"mlp-trial{trial.number}"
+        assert float(run_.data.params["train.learning_rate"]) == pytest.approx(trial.params["train.learning_rate"])
+    experiments = run(project, ["dvc", "exp", "show", "--json"], env).stdout
+    assert "mlp-trial0" in experiments and "mlp-trial1" in experiments
+    assert "top 2 of 2 completed trials" in first.stdout
+
+    best = max(trials, key=lambda trial: trial.value)
+    preset = (project / "conf/experiment/tuned.yaml").read_text()
+    assert "the best of 2 trials of study 'mlp'" in preset
+    assert f"hidden_units: {best.params['model.hidden_units']}" in preset
+    # The re-run: seeds 0 and 1 of the best setting; seed 0 is the best trial again, bit for bit.
+    reruns = {run_.data.params["train.seed"]: run_ for run_ in mlflow.search_runs(
+        experiment_names=["mnist"], output_format="list") if "sweep" in run_.data.tags}
+    assert sorted(reruns) == ["0", "1"]
+    assert reruns["0"].data.metrics["test_accuracy"] == runs[best.number].data.metrics["test_accuracy"]
+    assert reruns["0"].data.tags["config.hash"] == runs[best.number].data.tags["config.hash"]
+
+    compare = run(project, [sys.executable, "-m", "pipeline.compare", "--force"], env)
+    table = pd.read_csv(project / "reports/comparison.csv").set_index("setting")
+    assert table.loc["tuned", "n"] == 2
+    assert set(table.loc["tuned", "run_ids"].split()) == {run_.info.run_id for run_ in reruns.values()}
+    assert "| tuned (best of 2 trials, chosen on validation) | mlp |" in (project / "reports/comparison.md").read_text()
+    assert "Traceback" not in compare.stderr
+
+    again = tune(project, env, "--trials", "3", "--seeds", "0")  # continues: one more trial
+    assert "2 of 3 trials finished" in again.stderr
+    assert [trial.number for trial in trials_in(storage, "mlp")] == [0, 1, 2]
+    assert "the best of 3 trials" in (project / "conf/experiment/tuned.yaml").read_text()
+
+
+def test_failed_trial_is_recorded_and_not_retried(tmp_path, mnist_url):
+    project = make_project(tmp_path / "project", shrink_conf=True)
+    models = project / "pipeline/models.py"  # a bug in the committed code: every trial's training fails
+    models.write_text(models.read_text().replace('    """The reference model', '    raise RuntimeError("a bug")\n    """'))
+    git(project, "commit", "-qam", "a bug")
+    env = environment(mnist_url)
+    result = tune(project, env, "--trials", "1", "--seeds", "0", check=False)
+    assert result.returncode == 1
+    assert "tune: trial 0 failed" in result.stderr
+    assert error_lines(result.stderr) == ["error: tune: no trial of study 'mlp' completed; see the failed trials' lines above"]
+    [trial] = trials_in(f"sqlite:///{project / 'optuna.db'}", "mlp")
+    assert trial.state == optuna.trial.TrialState.FAIL
+    again = tune(project, env, "--trials", "1", "--seeds", "0", check=False)
+    assert "1 of 1 trials finished" in again.stderr
+    assert len(trials_in(f"sqlite:///{project / 'optuna.db'}", "mlp")) == 1
+
+
+def test_bad_search_space_is_one_line(tmp_path, mnist_url):
+    project = make_project(tmp_path / "project", shrink_conf=True)
+    (project / "conf/search/typo.yaml").write_text("parameters:\n  train.learning_rat: {type: float, low: 0.001, high: 0.1}\n")
+    result = tune(project, environment(mnist_url), "--space", "typo", check=False)
+    assert result.returncode == 1
+    [line] = error_lines(result.stderr)
+    assert line.startswith("error: tune: conf/search/typo.yaml: cannot compose conf/ with train.learning_rat=0.001: "
+                           "unknown key 'train.learning_rat'")
+    assert not (project / "optuna.db").exists()
+
+
+@NEEDS_POSTGRES
+def test_two_workers_share_one_study_on_postgresql(tmp_path, mnist_url, postgres):
+    project = make_project(tmp_path / "project", shrink_conf=True)
+    env = environment(mnist_url, STUDY_STORAGE=postgres, STUDY="shared", TRIALS="4", SEEDS="0")
+    workers = [subprocess.Popen([sys.executable, "-m", "pipeline.tune"], cwd=project, env=env,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    outputs = [worker.communicate(timeout=900) for worker in workers]
+    assert [worker.returncode for worker in workers] == [0, 0], [stderr[-2000:] for _, stderr in outputs]
+    trials = trials_in(postgres, "shared")
+    # A worker stops once 4 trials finished; one that had started another just then finishes it too.
+    assert 4 <= len(trials) <= 5 and all(trial.state == optuna.trial.TrialState.COMPLETE for trial in trials)
+    # Each trial trained once, by one of the workers, into its own MLflow run.
+    runs = tagged_runs(project, "shared")
+    assert sorted(int(run_.data.tags["tune.trial"]) for run_ in runs) == [trial.number for trial in trials]
+    assert {trial.user_attrs["mlflow_run_id"] for trial in trials} == {run_.info.run_id for run_ in runs}
+    assert all("tune: trial" in stderr for _, stderr in outputs)  # both workers ran trials
+    assert json.loads(run(project, ["dvc", "exp", "show", "--json"], env).stdout)
