@@ -65,7 +65,8 @@ serve: $(INSTALLED)
 promote: $(INSTALLED)
 	python -m pipeline.serve promote
 
-## sweep: the four reference settings as queued DVC experiments (SEEDS=1, JOBS=1; DEVICES=0,1 FORCE=1 optional)
+## sweep: presets of conf/experiment/ as queued DVC experiments: SETTINGS= (default: the article's four;
+##   also tuned, cnn), SEEDS=1, JOBS=1; DEVICES=0,1 and FORCE=1 optional
 sweep: $(INSTALLED)
 	python -m pipeline.sweep $(SETTINGS)
 

@@ -65,6 +65,7 @@ def summary_table(runs_by_setting: dict) -> pd.DataFrame:
             "epochs": params.get("train.epochs", ""),
             "batch_size": params.get("train.batch_size", ""),
             "learning_rate": params.get("train.learning_rate", ""),
+            "hidden_units": params.get("model.hidden_units", ""),
             "n": len(runs),
             "test_accuracy_mean": accuracies.mean() if len(runs) else np.nan,
             "test_accuracy_std": accuracies.std(ddof=1) if len(runs) > 1 else np.nan,
@@ -101,15 +102,17 @@ def setting_label(setting: str) -> str:
 
 def markdown(summary: pd.DataFrame, per_class: pd.DataFrame) -> str:
     lines = [
-        "| setting | model | epochs | batch | learning rate | measured test accuracy | n | claimed | fit time | runs |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| setting | model | hidden units | epochs | batch | learning rate | measured test accuracy | n | claimed | fit time | runs |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for row in summary.itertuples():
         measured = "not run" if row.n == 0 else percent(row.test_accuracy_mean) + (
             f" ± {row.test_accuracy_std:.2%}" if row.n > 1 else "")
         fit = "—" if pd.isna(row.fit_seconds_mean) else f"{row.fit_seconds_mean:.0f} s"
         runs = ", ".join(f"`{run_id[:8]}`" for run_id in row.run_ids.split())
-        lines.append(f"| {setting_label(row.setting)} | {row.model} | {row.epochs} | {row.batch_size} | {row.learning_rate} | "
+        learning_rate = f"{float(row.learning_rate):.3g}" if row.learning_rate else ""
+        lines.append(f"| {setting_label(row.setting)} | {row.model} | {row.hidden_units or '—'} | {row.epochs} | "
+                     f"{row.batch_size} | {learning_rate} | "
                      f"{measured} | {row.n} | {percent(row.claimed_test_accuracy)} | {fit} | {runs} |")
     lines += ["", "Measured: mean ± sample standard deviation over seeds (n runs) on the official "
               "MNIST test set (10,000 images unless data.limit shrinks it). Claimed: the source article's figure, not reproduced here.", ""]
