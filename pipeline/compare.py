@@ -170,9 +170,10 @@ def check_not_poorer(summary: pd.DataFrame) -> None:
     poorer = [f"{setting} ({tracked.get(setting, 0)} of {count} runs)" for setting, count in committed.items()
               if tracked.get(setting, 0) < count]
     if poorer:
+        settings = " ".join(setting for setting, count in committed.items() if tracked.get(setting, 0) < count)
         raise PipelineError(
             f"the store {tracking.tracking_uri()} holds fewer runs than {CSV_FILE} for {', '.join(poorer)}; "
-            f"files left as they are. Track them with `make sweep SEEDS={committed.max()}`, "
+            f"files left as they are. Track them with `make sweep SETTINGS=\"{settings}\" SEEDS={committed.max()}`, "
             "or write the poorer table anyway with `make compare FORCE=1`")
 
 
