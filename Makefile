@@ -93,8 +93,9 @@ push: $(INSTALLED)
 pull: $(INSTALLED)
 	dvc pull
 
-## bench: the pipeline's cost vs the bare Keras script, side by side, and the CNN preset (BENCH_ARGS=--no-cnn
-##   skips it); writes bench/results.md. About 20 minutes on 2 cores.
+## bench: the pipeline's cost vs the bare Keras script, side by side, and the CNN preset over 3 seeds
+##   (BENCH_ARGS=--no-cnn skips it); writes bench/results.md and README's speed table. About 15 minutes
+##   on 2 cores, 30 with the CNN.
 bench: $(INSTALLED)
 	python bench/bench.py $(BENCH_ARGS)
 

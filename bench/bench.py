@@ -211,7 +211,7 @@ def write_results(measured: dict, stages: dict, cnn_runs: list, repeats: int) ->
 Measured by `make bench` on {date.today().isoformat()}: {machine()}.
 {repeats} interleaved repeats; seconds as min / median. Ratios use medians.
 
-| figure | measured | target | |
+| figure | measured | target | met |
 | --- | --- | --- | --- |
 """ + "\n".join(rows) + f"""
 
@@ -224,6 +224,10 @@ Tracking off is `bench/untracked_train.py`: the same `train()` with every MLflow
 also skips the history CSV and curves, built from the tracked metrics: an upper bound).
 """
     RESULTS.write_text(text)
+    readme = REPO / "README.md"  # the speed section shows the same table
+    begin, end = "<!-- bench:begin -->", "<!-- bench:end -->"
+    table = text[text.index("| figure |"):text.index("\n\n", text.index("| figure |"))]
+    readme.write_text(re.sub(f"{begin}.*?{end}", lambda _: f"{begin}\n{table}\n{end}", readme.read_text(), flags=re.S))
     print(text)
 
 
