@@ -174,12 +174,13 @@ def open_storage(url: str):
     import sqlalchemy.exc
 
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)  # heartbeat_interval
-    for attempt in range(3):
+    for attempt in range(4):
         try:
             return optuna.storages.RDBStorage(url, heartbeat_interval=HEARTBEAT_SECONDS, grace_period=GRACE_SECONDS)
         except sqlalchemy.exc.IntegrityError:  # another worker created them first: open them again
+            if attempt == 3:
+                raise
             time.sleep(1 + attempt)
-    return optuna.storages.RDBStorage(url, heartbeat_interval=HEARTBEAT_SECONDS, grace_period=GRACE_SECONDS)
 
 
 def report(study, trial) -> None:
