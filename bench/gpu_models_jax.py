@@ -1,8 +1,9 @@
 """The project's models on a GPU through Keras's JAX backend: time to 99% test accuracy.
 
-For a GPU machine whose Python has JAX but no GPU TensorFlow (like the one lent to this project's
-sessions): not the train stage, which needs TensorFlow, but the same model definitions
-(pipeline/models.py), optimizer, learning rate and batch size, trained epoch by epoch with the test
+For a GPU machine whose Python has JAX but no GPU TensorFlow: not the train stage, which needs
+TensorFlow, but the same model builder (pipeline/models.py) with the CNN as its log was recorded
+(two convolutions per block, no random shifts, a constant learning rate), the same optimizer,
+learning rate and batch size, trained epoch by epoch with the test
 accuracy measured after each. `bench/gpu.sh` is the train-stage benchmark for a TensorFlow GPU.
 
     python bench/gpu_models_jax.py MNIST_DIR [filters ...]    # MNIST_DIR: the four *-ubyte.gz files
@@ -47,7 +48,8 @@ def main() -> None:
     test_images = load(folder, "t10k-images-idx3-ubyte").astype(np.float32) / np.float32(255)
     test_labels = load(folder, "t10k-labels-idx1-ubyte")
     keras.utils.set_random_seed(0)
-    model = build_model(SimpleNamespace(name="cnn", filters=filters, dense_units=128, dropout=0.25))
+    model = build_model(SimpleNamespace(name="cnn", filters=filters, convs_per_block=2, dense_units=128,
+                                          dropout=0.25, random_shift=0.0))
     model.compile(optimizer=keras.optimizers.Adam(LEARNING_RATE), loss="sparse_categorical_crossentropy",
                   metrics=["accuracy"], steps_per_execution=STEPS_PER_EXECUTION, jit_compile=True)
     device = str(keras.distribution.list_devices()[0])

@@ -75,14 +75,19 @@ class MlpConfig:
 class CnnConfig:
     name: str = MISSING
     filters: list[int] = MISSING
+    convs_per_block: int = MISSING
     dense_units: int = MISSING
     dropout: float = MISSING
+    random_shift: float = MISSING
 
     def __post_init__(self) -> None:
-        _check(len(self.filters) >= 1 and min(self.filters) >= 1, "model.filters",
-               "a non-empty list of positive integers", self.filters)
+        # Each block halves the 28-pixel image: a fifth would have nothing left to pool.
+        _check(1 <= len(self.filters) <= 4 and min(self.filters) >= 1, "model.filters",
+               "a list of 1 to 4 positive integers (one per block)", self.filters)
+        _check(self.convs_per_block >= 1, "model.convs_per_block", ">= 1", self.convs_per_block)
         _check(self.dense_units >= 1, "model.dense_units", ">= 1", self.dense_units)
         _check(0 <= self.dropout < 1, "model.dropout", "in [0, 1)", self.dropout)
+        _check(0 <= self.random_shift < 0.5, "model.random_shift", "in [0, 0.5)", self.random_shift)
 
 
 MODELS = {"mlp": MlpConfig, "cnn": CnnConfig}
@@ -91,6 +96,7 @@ MODELS = {"mlp": MlpConfig, "cnn": CnnConfig}
 SETTINGS = ["default", "lr_x10", "batch_x10", "epochs_x10", "tuned", "cnn"]
 TUNED_PRESET = CONF_DIR / "experiment" / "tuned.yaml"
 DISTRIBUTIONS = ("single", "mirrored")
+SCHEDULES = ("constant", "warmup_cosine")
 
 
 @dataclass
@@ -98,6 +104,7 @@ class TrainConfig:
     learning_rate: float = MISSING
     batch_size: int = MISSING
     epochs: int = MISSING
+    schedule: str = MISSING
     seed: int = MISSING
     steps_per_execution: int = MISSING
     mixed_precision: bool = MISSING
@@ -108,6 +115,7 @@ class TrainConfig:
         _check(self.learning_rate > 0, "train.learning_rate", "> 0", self.learning_rate)
         _check(self.batch_size >= 1, "train.batch_size", ">= 1", self.batch_size)
         _check(self.epochs >= 1, "train.epochs", ">= 1", self.epochs)
+        _check(self.schedule in SCHEDULES, "train.schedule", f"one of {', '.join(SCHEDULES)}", self.schedule)
         _check(self.steps_per_execution >= 1, "train.steps_per_execution", ">= 1",
                self.steps_per_execution)
         _check(self.distribution in DISTRIBUTIONS, "train.distribution", f"one of {', '.join(DISTRIBUTIONS)}",

@@ -30,10 +30,16 @@ def build_mlp(config: MlpConfig) -> keras.Model:
 
 
 def build_cnn(config: CnnConfig) -> keras.Model:
-    """Conv blocks (two 3x3 convolutions with batch norm, then max-pooling), then a dense head."""
+    """Conv blocks (3x3 convolutions with batch norm, then max-pooling), then a dense head.
+
+    model.random_shift > 0 moves each training image by a random fraction of its side: a layer
+    that acts in training only (keras.layers.RandomTranslation), so the saved model predicts unchanged.
+    """
     model = keras.Sequential([keras.Input(shape=IMAGE_SHAPE), layers.Reshape((*IMAGE_SHAPE, 1))], name="cnn")
+    if config.random_shift:
+        model.add(layers.RandomTranslation(config.random_shift, config.random_shift, fill_mode="constant"))
     for filters in config.filters:
-        for _ in range(2):
+        for _ in range(config.convs_per_block):
             # No bias: batch normalisation's offset does its job.
             model.add(layers.Conv2D(filters, 3, padding="same", use_bias=False))
             model.add(layers.BatchNormalization())

@@ -34,7 +34,7 @@ from pipeline.models import build_model
 
 VALIDATION_BATCH_SIZE = 1024  # evaluation only: changes no update, just the speed
 CHECKPOINT_ROOT = Path(".train-checkpoints")
-CHECKPOINT_NAME = "last-epoch.keras"
+CHECKPOINT_NAME = "last-epoch.npz"
 SIGNATURE = ModelSignature(
     inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, *IMAGE_SHAPE))]),
     outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, NUM_CLASSES))]),
@@ -63,10 +63,11 @@ def training_batches(images: np.ndarray, labels: np.ndarray, batch_size: int, se
 
 
 class EpochCheckpoint(keras.callbacks.Callback):
-    """Saves weights and optimizer state after every epoch, atomically, for an exact resume.
+    """Saves every variable of the model and its optimizer after each epoch, atomically, for an exact resume.
 
-    (keras.callbacks.BackupAndRestore keeps the weights but not the optimizer's moments, so a
-    resumed run would drift from an uninterrupted one.)
+    Every variable, random-seed states included: neither keras.callbacks.BackupAndRestore (no optimizer
+    moments) nor model.save (no seed states of dropout or augmentation layers) keeps all that a resumed
+    run needs to take the updates an uninterrupted one would. Plain arrays, loaded without pickle.
     """
 
     def __init__(self, directory: Path):
@@ -75,20 +76,25 @@ class EpochCheckpoint(keras.callbacks.Callback):
 
     def on_epoch_end(self, epoch, logs=None):
         with atomic_path(self.directory / CHECKPOINT_NAME) as temporary:
-            self.model.save(temporary)
+            np.savez(temporary, *[variable.numpy() for variable in training_state(self.model)])
+
+
+def training_state(model: keras.Model) -> list:
+    """The model's variables (weights and random-seed states) and its optimizer's (step count, moments)."""
+    return [*model.variables, *model.optimizer.variables]
 
 
 def resume(model: keras.Model, directory: Path) -> int:
-    """Restores weights and optimizer state saved in `directory`; returns the optimizer steps done."""
+    """Restores the training state saved in `directory`; returns the optimizer steps done."""
     checkpoint = directory / CHECKPOINT_NAME
     if not checkpoint.exists():
         return 0
-    saved = keras.models.load_model(checkpoint, safe_mode=True)
-    model.set_weights(saved.get_weights())
     model.optimizer.build(model.trainable_variables)
-    for variable, value in zip(model.optimizer.variables, saved.optimizer.variables, strict=True):
+    with np.load(checkpoint, allow_pickle=False) as saved:
+        values = [saved[f"arr_{index}"] for index in range(len(saved.files))]
+    for variable, value in zip(training_state(model), values, strict=True):
         variable.assign(value)
-    return int(saved.optimizer.iterations.numpy())  # optimizer steps: epochs x steps per epoch
+    return int(model.optimizer.iterations.numpy())  # optimizer steps: epochs x steps per epoch
 
 
 class EpochLogger(keras.callbacks.Callback):
@@ -205,13 +211,27 @@ def build_compiled_model(model_config: MlpConfig | CnnConfig, train_config: Trai
     with strategy.scope():  # variables are mirrored on every replica
         model = build_model(model_config)
         model.compile(
-            optimizer=keras.optimizers.Adam(learning_rate=train_config.learning_rate),
+            optimizer=keras.optimizers.Adam(learning_rate=learning_rate(train_config, steps_per_epoch)),
             loss="sparse_categorical_crossentropy",
             metrics=["accuracy"],
             steps_per_execution=steps_per_call(steps_per_epoch, train_config.steps_per_execution),
             jit_compile=False,
         )
     return model
+
+
+def learning_rate(config: TrainConfig, steps_per_epoch: int) -> float | keras.optimizers.schedules.LearningRateSchedule:
+    """train.learning_rate, constant or along train.schedule.
+
+    A schedule is a function of the optimizer's step count, which a resumed run restores: it goes on
+    from the step where the interrupted one stopped.
+    """
+    if config.schedule == "constant":
+        return config.learning_rate
+    warmup_steps = steps_per_epoch // 2
+    return keras.optimizers.schedules.CosineDecay(
+        initial_learning_rate=config.learning_rate / 10, warmup_target=config.learning_rate, warmup_steps=warmup_steps,
+        decay_steps=steps_per_epoch * config.epochs - warmup_steps)
 
 
 def save_and_log_model(model: keras.Model, tags: dict[str, str], staged: StagedOutputs) -> None:
