@@ -25,9 +25,10 @@ run: $(INSTALLED)
 	dvc repro
 
 # Tests run in TEST_WORKERS processes (pytest-xdist; auto: one per core), a module's tests in one of
-# them, so that a module's shared project is built once. TEST_WORKERS=0: one process, in order.
+# them, so that a module's shared project is built once; the longest modules start first
+# (tests/conftest.py). TEST_WORKERS=0: one process.
 TEST_WORKERS ?= auto
-PYTEST := pytest $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist loadscope)
+PYTEST := pytest $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist loadscope --no-loadscope-reorder)
 
 ## test: the test suite (real DVC, Hydra, MLflow and TensorFlow on tiny data; TEST_WORKERS=auto)
 test: $(INSTALLED)

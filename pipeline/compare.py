@@ -65,6 +65,7 @@ def summary_table(runs_by_setting: dict) -> pd.DataFrame:
             "epochs": params.get("train.epochs", ""),
             "batch_size": params.get("train.batch_size", ""),
             "learning_rate": params.get("train.learning_rate", ""),
+            "schedule": params.get("train.schedule", "constant"),
             "hidden_units": params.get("model.hidden_units", ""),
             "n": len(runs),
             "test_accuracy_mean": accuracies.mean() if len(runs) else np.nan,
@@ -111,6 +112,8 @@ def markdown(summary: pd.DataFrame, per_class: pd.DataFrame) -> str:
         fit = "—" if pd.isna(row.fit_seconds_mean) else f"{row.fit_seconds_mean:.0f} s"
         runs = ", ".join(f"`{run_id[:8]}`" for run_id in row.run_ids.split())
         learning_rate = f"{float(row.learning_rate):.3g}" if row.learning_rate else ""
+        if row.schedule != "constant":
+            learning_rate += f" ({row.schedule})"
         lines.append(f"| {setting_label(row.setting)} | {row.model} | {row.hidden_units or '—'} | {row.epochs} | "
                      f"{row.batch_size} | {learning_rate} | "
                      f"{measured} | {row.n} | {percent(row.claimed_test_accuracy)} | {fit} | {runs} |")
