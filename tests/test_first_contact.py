@@ -5,6 +5,7 @@ import socket
 import subprocess
 import sys
 
+import pandas as pd
 import pytest
 import yaml
 
@@ -102,7 +103,8 @@ def test_compare_never_replaces_the_committed_table_with_a_poorer_one(tmp_path, 
     assert result.returncode == 1
     [line] = error_lines(result.stderr)
     assert "holds fewer runs than reports/comparison.csv for default (0 of 3 runs)" in line
-    assert '`make sweep SETTINGS="default lr_x10 batch_x10 epochs_x10 tuned" SEEDS=3`' in line
+    tabulated = " ".join(pd.read_csv(project / "reports/comparison.csv").setting)  # the committed table's settings
+    assert f'`make sweep SETTINGS="{tabulated}" SEEDS=3`' in line
     assert "`make compare FORCE=1`" in line
     assert {path: path.read_bytes() for path in kept} == before
 
