@@ -25,10 +25,9 @@ run: $(INSTALLED)
 	dvc repro
 
 # Tests run in TEST_WORKERS processes (pytest-xdist; auto: one per core), a module's tests in one of
-# them, so that a module's shared project is built once; the longest modules start first
-# (tests/conftest.py). TEST_WORKERS=0: one process.
+# them, so that a module's shared project is built once. TEST_WORKERS=0: one process, in order.
 TEST_WORKERS ?= auto
-PYTEST := pytest $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist loadscope --no-loadscope-reorder)
+PYTEST := pytest $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist loadscope)
 
 ## test: the test suite (real DVC, Hydra, MLflow and TensorFlow on tiny data; TEST_WORKERS=auto)
 test: $(INSTALLED)

@@ -12,21 +12,6 @@ import pytest
 
 from tests.helpers import POSTGRES_BIN, QuietHandler, SECRET, copy_project, environment, free_port, make_project, mnist_source, run
 
-# The modules that train the most, longest first (about 8, 6, 5, 4, 3 and 3 minutes of one worker on
-# 2 cores): `make test` hands whole modules to its workers in collection order (xdist's loadscope,
-# without its reordering by test count), so they start first and the suite ends on short modules
-# instead of one worker finishing a long one while the other idles.
-LONGEST_FIRST = ["test_tune", "test_reproduce", "test_readme", "test_team", "test_interrupt", "test_compare"]
-
-
-def pytest_collection_modifyitems(items):
-    def rank(item) -> int:
-        module = item.module.__name__.rpartition(".")[2]
-        return LONGEST_FIRST.index(module) if module in LONGEST_FIRST else len(LONGEST_FIRST)
-
-    items.sort(key=rank)  # stable: each module's tests keep their order
-
-
 @pytest.fixture(scope="session")
 def serve_directory():
     """serve_directory(path) -> URL of an HTTP server on 127.0.0.1 serving that folder."""
