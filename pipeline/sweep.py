@@ -17,7 +17,7 @@ import time
 import mlflow
 
 from pipeline import tracking
-from pipeline.config import SETTINGS, TUNED_PRESET, training_hash
+from pipeline.config import CONF_DIR, SETTINGS, TUNED_PRESET, training_hash
 from pipeline.errors import PipelineError, guard
 
 
@@ -143,7 +143,7 @@ def main() -> None:
         if unknown:
             raise PipelineError(f"unknown setting {unknown[0]!r}; allowed: {', '.join(SETTINGS)} (conf/experiment/)")
         if "tuned" in arguments.settings and not TUNED_PRESET.exists():
-            raise PipelineError("conf/experiment/tuned.yaml does not exist yet: `make tune` writes it")
+            raise PipelineError(f"{TUNED_PRESET.relative_to(CONF_DIR.parent)} does not exist yet: `make tune` writes it")
         devices = arguments.devices.split(",") if arguments.devices else visible_gpus()
         try:
             sweep(arguments.settings, arguments.seeds, arguments.jobs, devices, arguments.force)
