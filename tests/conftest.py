@@ -1,6 +1,7 @@
 """Shared fixtures: MNIST served over HTTP on 127.0.0.1, one tiny pipeline run to inspect, PostgreSQL."""
 
 import functools
+import json
 import shutil
 import subprocess
 import tempfile
@@ -9,6 +10,7 @@ import threading
 from pathlib import Path
 
 import pytest
+from filelock import FileLock
 
 from tests.helpers import POSTGRES_BIN, QuietHandler, SECRET, copy_project, environment, free_port, make_project, mnist_source, run
 
@@ -43,12 +45,25 @@ def trained_copy(pipeline_run, tmp_path):
 
 
 @pytest.fixture(scope="session")
-def pipeline_run(tmp_path_factory, mnist_url):
-    """One tiny `dvc repro` of all five stages, shared by the tests that inspect its results."""
-    project = make_project(tmp_path_factory.mktemp("pipeline"))
+def pipeline_run(tmp_path_factory, worker_id, mnist_url):
+    """One tiny `dvc repro` of all five stages, shared by the tests that inspect its results.
+
+    Built once for the whole session, whichever test worker asks first; the others wait for it
+    (the xdist recipe: https://pytest-xdist.readthedocs.io/en/stable/how-to.html). Tests that run
+    anything in it take their own copy (trained_copy): two workers never write into it at once.
+    """
+    shared = tmp_path_factory.getbasetemp()
+    if worker_id != "master":  # under xdist: the session's folder, above the workers' own
+        shared = shared.parent
+    project, output = shared / "pipeline", shared / "pipeline-output.json"
     env = environment(mnist_url, PIPELINE_TEST_SECRET=SECRET)
-    result = run(project, ["dvc", "repro"], env)
-    return project, env, result
+    with FileLock(shared / "pipeline.lock"):
+        if not output.exists():
+            shutil.rmtree(project, ignore_errors=True)  # a worker that failed halfway
+            make_project(project)
+            result = run(project, ["dvc", "repro"], env)
+            output.write_text(json.dumps({"stdout": result.stdout, "stderr": result.stderr}))
+    return project, env, subprocess.CompletedProcess(["dvc", "repro"], 0, **json.loads(output.read_text()))
 
 
 @pytest.fixture(scope="module")

@@ -54,8 +54,8 @@ def test_outputs_and_metrics(pipeline_run):
         assert (project / picture).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def test_dvc_sees_metrics_and_plots(pipeline_run):
-    project, env, _ = pipeline_run
+def test_dvc_sees_metrics_and_plots(trained_copy):
+    project, env = trained_copy
     shown = json.loads(run(project, ["dvc", "metrics", "show", "--json"], env).stdout)
     assert shown[""]["data"]["reports/metrics.json"]["data"]["test_accuracy"] > 0.5
     plots = json.loads(run(project, ["dvc", "plots", "show", "--json"], env).stdout)["data"]
@@ -122,8 +122,9 @@ def test_logged_model_loads_and_predicts(pipeline_run, tracked_run):
     assert (probabilities.argmax(axis=1) == labels).mean() > 0.5
 
 
-def test_second_repro_does_no_work(pipeline_run, tracked_run):
-    project, env, _ = pipeline_run
+def test_second_repro_does_no_work(trained_copy):
+    project, env = trained_copy
     again = run(project, ["dvc", "repro"], env)
     assert "Running stage" not in again.stdout
+    mlflow.set_tracking_uri(f"sqlite:///{project / 'mlflow.db'}")
     assert len(mlflow.search_runs(experiment_names=["mnist"], output_format="list")) == 1
