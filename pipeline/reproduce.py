@@ -147,15 +147,17 @@ def reproduce(revision: str | None, run_id: str | None, tolerance: float | None)
         git("worktree", "add", "--detach", str(worktree), commit, check=True)
         try:
             print(f"reproduce: {revision or run_id} = commit {commit[:12]} in {worktree}", file=sys.stderr)
-            dvc(worktree, "cache", "dir", "--local", str(root / ".dvc" / "cache"))
-            if remote:  # a relative remote URL would otherwise resolve inside the worktree
-                dvc(worktree, "remote", "modify", "--local", remote, "url", config["remote"][remote]["url"])
+            # What `dvc cache dir --local` and `dvc remote modify --local` would write, without two more processes.
+            with Repo(str(worktree)) as copy, copy.config.edit("local") as local:
+                local["cache"]["dir"] = str(root / ".dvc" / "cache")
+                if remote:  # absolute: a relative remote URL would otherwise resolve inside the worktree
+                    local["remote"][remote] = {"url": str(config["remote"][remote]["url"])}
             if params:
                 apply_params(worktree, params)
             (worktree / METRICS_FILE).unlink(missing_ok=True)
             dvc(worktree, "repro", "--pull", "preprocess")  # data: from cache or remote, else recomputed
-            for stage in ("train", "evaluate"):  # the result, recomputed for real (error-analysis adds no metric)
-                dvc(worktree, "repro", "--force", "--single-item", stage)
+            # The result, recomputed for real, train then evaluate (error-analysis adds no metric).
+            dvc(worktree, "repro", "--force", "--single-item", "train", "evaluate")
             actual = json.loads((worktree / METRICS_FILE).read_text())
             fresh_environment = worktree / numerics.NUMERICS_FILE
             environment = json.loads(fresh_environment.read_text()) if fresh_environment.exists() else None
