@@ -104,14 +104,14 @@ def test_bad_search_space_is_one_line(tmp_path, mnist_url):
 @NEEDS_POSTGRES
 def test_two_workers_share_one_study_on_postgresql(tmp_path, mnist_url, postgres):
     project = make_project(tmp_path / "project", shrink_conf=True)
-    env = environment(mnist_url, STUDY_STORAGE=postgres, STUDY="shared", TRIALS="4", SEEDS="0")
+    env = environment(mnist_url, STUDY_STORAGE=postgres, STUDY="shared", TRIALS="2", SEEDS="0")
     workers = [subprocess.Popen([sys.executable, "-m", "pipeline.tune"], cwd=project, env=env,
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
     outputs = [worker.communicate(timeout=900) for worker in workers]
     assert [worker.returncode for worker in workers] == [0, 0], [stderr[-2000:] for _, stderr in outputs]
     trials = trials_in(postgres, "shared")
-    # A worker stops once 4 trials finished; one that had started another just then finishes it too.
-    assert 4 <= len(trials) <= 5 and all(trial.state == optuna.trial.TrialState.COMPLETE for trial in trials)
+    # A worker stops once 2 trials finished; one that had started another just then finishes it too.
+    assert 2 <= len(trials) <= 3 and all(trial.state == optuna.trial.TrialState.COMPLETE for trial in trials)
     # Each trial trained once, by one of the workers, into its own MLflow run.
     runs = tagged_runs(project, "shared")
     assert sorted(int(run_.data.tags["tune.trial"]) for run_ in runs) == [trial.number for trial in trials]
