@@ -17,7 +17,7 @@ from tests.helpers import environment, make_project, run
 # Long enough epochs (a few seconds) to be killed in the middle of one; 188 steps per epoch, run
 # 10 at a time, which does not divide them. A tiny CNN: its dropout and random shifts draw from seed
 # states and its learning rate follows a schedule, all of which a resume must restore.
-SLOW = ["data.limit=3000", "train.epochs=3", "train.batch_size=16", "train.steps_per_execution=10",
+SLOW = ["data.limit=3000", "train.epochs=2", "train.batch_size=16", "train.steps_per_execution=10",
         "model=cnn", "model.filters=[4]", "model.dense_units=16", "train.schedule=warmup_cosine"]
 
 
@@ -80,5 +80,5 @@ def test_killed_training_resumes_to_identical_weights(tmp_path, mnist_url, unint
     [final] = mlflow.search_runs(experiment_names=["mnist"], output_format="list")
     assert final.info.run_id == interrupted.info.run_id and final.info.status == "FINISHED"
     history = mlflow.MlflowClient().get_metric_history(final.info.run_id, "val_accuracy")
-    assert sorted({point.step for point in history}) == [0, 1, 2]
+    assert sorted({point.step for point in history}) == [0, 1]
     assert not list(project.glob(".train-checkpoints/*"))
