@@ -36,12 +36,12 @@ def weights(project) -> list[np.ndarray]:
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory, mnist_url):
     project = make_project(tmp_path_factory.mktemp("uninterrupted"), SLOW)
-    run(project, ["dvc", "repro"], environment(mnist_url))
+    run(project, ["dvc", "repro", "evaluate"], environment(mnist_url))  # the weights and metrics compared
     return weights(project), json.loads((project / "reports/metrics.json").read_text())
 
 
 def kill_training_after_first_epoch(project, env, signal_number) -> None:
-    pipeline = subprocess.Popen(["dvc", "repro"], cwd=project, env=env, stdout=subprocess.DEVNULL,
+    pipeline = subprocess.Popen(["dvc", "repro", "evaluate"], cwd=project, env=env, stdout=subprocess.DEVNULL,
                                 stderr=subprocess.DEVNULL, start_new_session=True)
     deadline = time.monotonic() + 300
     while not list(project.glob(".train-checkpoints/*/last-epoch.npz")):
@@ -69,7 +69,7 @@ def test_killed_training_resumes_to_identical_weights(tmp_path, mnist_url, unint
     expected_status = "FAILED" if signal_number == signal.SIGTERM else "RUNNING"
     assert interrupted.info.status == expected_status
 
-    resumed = run(project, ["dvc", "repro"], env)
+    resumed = run(project, ["dvc", "repro", "evaluate"], env)
     assert "train: resuming after epoch" in resumed.stderr
 
     reference_weights, reference_metrics = uninterrupted
