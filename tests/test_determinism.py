@@ -6,20 +6,20 @@ import keras
 import numpy as np
 import pytest
 
-from tests.helpers import environment, make_project, run
+from tests.helpers import run
 
 
-def train_weights(project, env) -> list[np.ndarray]:
-    run(project, [sys.executable, "-m", "pipeline.train"], env)
+def weights(project) -> list[np.ndarray]:
     return keras.models.load_model(project / "models/model.keras", safe_mode=True).get_weights()
 
 
 @pytest.mark.slow
-def test_two_trainings_give_identical_weights(tmp_path, mnist_url):
-    project = make_project(tmp_path)
-    env = environment(mnist_url)
-    run(project, ["dvc", "repro", "preprocess"], env)
-    first, second = train_weights(project, env), train_weights(project, env)
+def test_a_second_training_gives_identical_weights(pipeline_run, trained_copy):
+    """The shared tiny run's training again, later, in another process and folder: the same weights."""
+    project, env, _ = pipeline_run
+    copy, _ = trained_copy
+    run(copy, [sys.executable, "-m", "pipeline.train"], env)
+    first, second = weights(project), weights(copy)
     assert len(first) == len(second) == 4
     for a, b in zip(first, second):
         np.testing.assert_array_equal(a, b)
