@@ -7,28 +7,28 @@ import pytest
 
 from tests.helpers import TINY, environment, make_project, run
 
-# Two epochs on the tiny data: enough updates for the accuracy to mean something.
-SHORT = [*TINY, "train.epochs=2"]
-
 
 def train_and_evaluate(project, env) -> tuple[dict, mlflow.entities.Run]:
     run(project, ["dvc", "repro", "evaluate"], env)
+    return results(project)
+
+
+def results(project) -> tuple[dict, mlflow.entities.Run]:
     mlflow.set_tracking_uri(f"sqlite:///{project / 'mlflow.db'}")
     [tracked] = mlflow.search_runs(experiment_names=["mnist"], output_format="list")
     return json.loads((project / "reports/metrics.json").read_text()), tracked
 
 
 @pytest.mark.slow
-def test_mirrored_on_two_devices_matches_one_device(tmp_path, mnist_url):
-    per_replica_batch = 32
-    env = environment(mnist_url)
-    single = make_project(tmp_path / "single", [*SHORT, f"train.batch_size={2 * per_replica_batch}"])
-    mirrored = make_project(tmp_path / "mirrored", [*SHORT, f"train.batch_size={per_replica_batch}",
-                                                    "train.distribution=mirrored", "train.replicas=2",
-                                                    "train.steps_per_execution=1"])
-    single_metrics, single_run = train_and_evaluate(single, env)
+def test_mirrored_on_two_devices_matches_one_device(tmp_path, mnist_url, pipeline_run):
+    """Against the shared tiny run: one device, batches of 64."""
+    single, env, _ = pipeline_run
+    mirrored = make_project(tmp_path / "mirrored", [*TINY, "train.batch_size=32", "train.distribution=mirrored",
+                                                    "train.replicas=2", "train.steps_per_execution=1"])
+    single_metrics, single_run = results(single)
     mirrored_metrics, mirrored_run = train_and_evaluate(mirrored, env)
 
+    assert single_run.data.params["train.batch_size"] == "64"
     assert single_run.data.tags["train.replicas_in_sync"] == "1"
     assert mirrored_run.data.tags["train.replicas_in_sync"] == "2"
     assert mirrored_run.data.params["train.distribution"] == "mirrored"
