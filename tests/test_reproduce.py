@@ -114,7 +114,8 @@ def test_unknown_environment_is_judged_within_tolerance_and_tampering_still_fail
     accuracy = tagged_metrics["test_accuracy"] + CROSS_ENVIRONMENT_TOLERANCE["test_accuracy"] / 2
     (project / "reports/metrics.json").write_text(json.dumps(
         {**tagged_metrics, "test_accuracy": accuracy, "test_loss": tagged_metrics["test_loss"] + 0.01}))
-    git(project, "commit", "-qam", "a result without its numeric environment, tampered")
+    git(project, "commit", "-qm", "a result without its numeric environment, tampered", "--",
+        "reports/metrics.json", "reports/numerics.json")
     result = reproduce(project, env, REV="old-style")
     assert ("the reference records no numeric environment (reports/numerics.json is missing, made by an older "
             "version): treated as a different one") in result.stderr
