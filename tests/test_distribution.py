@@ -20,7 +20,7 @@ def results(project) -> tuple[dict, mlflow.entities.Run]:
 
 
 @pytest.mark.slow
-def test_mirrored_on_two_devices_matches_one_device(tmp_path, mnist_url, pipeline_run):
+def test_mirrored_on_two_devices_matches_one_device(tmp_path, pipeline_run):
     """Against the shared tiny run: one device, batches of 64."""
     single, env, _ = pipeline_run
     mirrored = make_project(tmp_path / "mirrored", [*TINY, "train.batch_size=32", "train.distribution=mirrored",
