@@ -71,7 +71,7 @@ sweep: $(INSTALLED)
 	python -m pipeline.sweep $(SETTINGS)
 
 ## tune: an Optuna study (TPE) over conf/search/mlp.yaml (SPACE=): TRIALS=20 finished trials, each a
-##   DVC experiment and an MLflow run, chosen on validation accuracy, JOBS=1 at a time; then the best
+##   DVC experiment and an MLflow run, chosen on validation accuracy, one at a time; then the best
 ##   setting is written to conf/experiment/tuned.yaml and re-run with SEEDS=3 seeds for `make compare`.
 ##   Run again to continue the study. STUDY_STORAGE=postgresql://... (default sqlite:///optuna.db)
 ##   lets workers on several machines join one study; STUDY= names it (default: the space's name).

@@ -7,6 +7,8 @@ number. The objective is the last epoch's validation accuracy: the test set neve
 The study lives in Optuna's storage (STUDY_STORAGE; default: SQLite beside the MLflow store), so
 `make tune` again continues it, and workers on other machines pointed at one PostgreSQL storage
 join it. TRIALS counts the study's finished trials (complete or failed) across all of them.
+One checkout runs one trial at a time: DVC's `--temp` experiments share one stash per repository,
+and two run at once can swap or repeat each other's entries; parallel trials take separate clones.
 At the end the best setting is written to conf/experiment/tuned.yaml, a preset like the others,
 and re-run with SEEDS seeds through `make sweep`, which `make compare` shows as its own row.
 """
@@ -21,6 +23,7 @@ from dataclasses import dataclass, field
 from typing import Any, Optional
 
 import mlflow
+from filelock import FileLock, Timeout
 from omegaconf import MISSING, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
@@ -95,6 +98,25 @@ def run_trial(trial, space: SearchSpace, study_name: str) -> float:
     name = f"{study_name}-trial{trial.number}"
     trial.set_user_attr("dvc_experiment", name)
     print(f"tune: trial {trial.number}: {' '.join(overrides)}", file=sys.stderr)
+    # `dvc exp run --temp` queues its entry in the repository's one stash and then runs whichever
+    # entry is first there; two at once in one checkout can run each other's (or one twice):
+    # https://github.com/iterative/dvc/blob/3.67.1/dvc/repo/experiments/queue/workspace.py#L85
+    lock = FileLock(tracking.project_root() / ".dvc" / "tmp" / "tune-trial.lock")
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        print(f"tune: trial {trial.number} waits: another worker's trial runs in this checkout", file=sys.stderr)
+        lock.acquire()
+    try:
+        run = experiment_run(name, overrides, study_name, trial)
+    finally:
+        lock.release()
+    trial.set_user_attr("mlflow_run_id", run.info.run_id)
+    return run.data.metrics["val_accuracy"]  # the last epoch's
+
+
+def experiment_run(name: str, overrides: list[str], study_name: str, trial):
+    """Runs the trial's DVC experiment and returns the MLflow run that holds its result."""
     subprocess.run(["dvc", "exp", "remove", name], capture_output=True)  # a failed earlier attempt's name
     command = ["dvc", "exp", "run", "--temp", "--name", name]
     command += [argument for override in overrides for argument in ("--set-param", override)]
@@ -110,8 +132,7 @@ def run_trial(trial, space: SearchSpace, study_name: str) -> float:
     run = trial_run(study_name, trial.number) or earlier_run(overrides)
     if run is None:
         raise TrialFailed(f"experiment {name} finished but no MLflow run holds its result")
-    trial.set_user_attr("mlflow_run_id", run.info.run_id)
-    return run.data.metrics["val_accuracy"]  # the last epoch's
+    return run
 
 
 def trial_run(study_name: str, number: int):
@@ -136,7 +157,7 @@ def default_storage() -> str:
 
 
 @tracking.store_faults()
-def tune(space_name: str, trials: int, jobs: int, storage_url: str, study_name: str, seeds: int) -> None:
+def tune(space_name: str, trials: int, storage_url: str, study_name: str, seeds: int) -> None:
     import optuna
 
     space = load_space(space_name)
@@ -148,11 +169,10 @@ def tune(space_name: str, trials: int, jobs: int, storage_url: str, study_name: 
                                 sampler=optuna.samplers.TPESampler(), load_if_exists=True)
     finished = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.FAIL)
     done = len(study.get_trials(states=finished))
-    print(f"tune: study {study_name!r} in {storage_url}: {done} of {trials} trials finished; "
-          f"{jobs} at a time", file=sys.stderr)
+    print(f"tune: study {study_name!r} in {storage_url}: {done} of {trials} trials finished", file=sys.stderr)
     started = time.monotonic()
     if done < trials:
-        study.optimize(lambda trial: run_trial(trial, space, study_name), n_jobs=jobs, catch=(TrialFailed,),
+        study.optimize(lambda trial: run_trial(trial, space, study_name), catch=(TrialFailed,),
                        callbacks=[optuna.study.MaxTrialsCallback(trials, states=finished), report])
     complete = study.get_trials(states=(optuna.trial.TrialState.COMPLETE,))
     if not complete:
@@ -227,8 +247,6 @@ def main() -> None:
     parser.add_argument("--space", default=os.environ.get("SPACE") or "mlp", help="conf/search/<space>.yaml (env SPACE)")
     parser.add_argument("--trials", type=int, default=int(os.environ.get("TRIALS") or 20),
                         help="finished trials the study should hold (env TRIALS)")
-    parser.add_argument("--jobs", type=int, default=int(os.environ.get("JOBS") or 1),
-                        help="trials at a time in this process (env JOBS)")
     parser.add_argument("--storage", default=os.environ.get("STUDY_STORAGE") or None,
                         help="Optuna storage URL (env STUDY_STORAGE; default sqlite:///<project>/optuna.db)")
     parser.add_argument("--study", default=os.environ.get("STUDY") or None,
@@ -236,9 +254,9 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, default=int(os.environ.get("SEEDS") or 3),
                         help="re-runs of the best setting, seeds 0..N-1 (env SEEDS; 0: none)")
     arguments = parser.parse_args()
-    if arguments.trials < 1 or arguments.jobs < 1 or arguments.seeds < 0:
-        parser.error("TRIALS and JOBS must be >= 1, SEEDS >= 0")
-    guard("tune", tune, arguments.space, arguments.trials, arguments.jobs, arguments.storage or default_storage(),
+    if arguments.trials < 1 or arguments.seeds < 0:
+        parser.error("TRIALS must be >= 1, SEEDS >= 0")
+    guard("tune", tune, arguments.space, arguments.trials, arguments.storage or default_storage(),
           arguments.study or arguments.space, arguments.seeds,
           interrupted="the unfinished trial is recorded as failed; `make tune` again continues the study")
 

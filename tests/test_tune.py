@@ -112,9 +112,16 @@ def test_two_workers_share_one_study_on_postgresql(tmp_path, mnist_url, postgres
     trials = trials_in(postgres, "shared")
     # A worker stops once 2 trials finished; one that had started another just then finishes it too.
     assert 2 <= len(trials) <= 3 and all(trial.state == optuna.trial.TrialState.COMPLETE for trial in trials)
-    # Each trial trained once, by one of the workers, into its own MLflow run.
-    runs = tagged_runs(project, "shared")
-    assert sorted(int(run_.data.tags["tune.trial"]) for run_ in runs) == [trial.number for trial in trials]
-    assert {trial.user_attrs["mlflow_run_id"] for trial in trials} == {run_.info.run_id for run_ in runs}
+    # Each trial trained once, by one of the workers, into its own MLflow run, with its own setting:
+    # the two workers share one checkout, whose DVC experiments they take turns to run.
+    runs = {run_.info.run_id: run_ for run_ in tagged_runs(project, "shared")}
+    assert sorted(int(run_.data.tags["tune.trial"]) for run_ in runs.values()) == [trial.number for trial in trials]
+    assert {trial.user_attrs["mlflow_run_id"] for trial in trials} == set(runs)
+    for trial in trials:
+        trial_run = runs[trial.user_attrs["mlflow_run_id"]]
+        assert trial_run.data.tags["tune.trial"] == str(trial.number)
+        assert trial_run.data.tags["dvc.exp_name"] == f"shared-trial{trial.number}"
+        assert trial_run.data.params["model.hidden_units"] == str(trial.params["model.hidden_units"])
+        assert trial.value == trial_run.data.metrics["val_accuracy"]
     assert all("tune: trial" in stderr for _, stderr in outputs)  # both workers ran trials
     assert json.loads(run(project, ["dvc", "exp", "show", "--json"], env).stdout)
