@@ -160,46 +160,51 @@ def row(figure: str, value: float, shown: str, target: float, at_most: bool = Tr
 
 
 def write_results(measured: dict, stages: dict, cnn_runs: list, repeats: int) -> None:
+    # Times: the fastest repeat of each. Other processes only ever add time, so the fastest of the
+    # interleaved repeats is the least disturbed (timeit's reasoning:
+    # https://docs.python.org/3/library/timeit.html#timeit.Timer.repeat); a median of three still
+    # moved a ratio by half when a shared machine slowed a third of the runs. Accuracies: medians.
+    fastest = {key: min(values) for key, values in measured.items()}
     median = {key: statistics.median(values) for key, values in measured.items()}
-    fixed_cost = statistics.median(wall - fit for wall, fit in zip(measured["tracked_train"], measured["tracked_fit"]))
+    fixed_cost = min(wall - fit for wall, fit in zip(measured["tracked_train"], measured["tracked_fit"]))
     accuracy_gap = (median["stage_accuracy"] - median["bare_accuracy"]) * 100
     rows = [
         row("train-stage fit / bare script fit (MLP, 5 epochs, batch 64, lr 0.001)",
-            median["stage_fit"] / median["bare_fit"],
-            f"{median['stage_fit'] / median['bare_fit']:.2f} ({summary(measured['stage_fit'])} s vs "
+            fastest["stage_fit"] / fastest["bare_fit"],
+            f"{fastest['stage_fit'] / fastest['bare_fit']:.2f} ({summary(measured['stage_fit'])} s vs "
             f"{summary(measured['bare_fit'])} s)", 0.40),
         row("test accuracy, train stage minus bare script", abs(accuracy_gap),
             f"{median['stage_accuracy']:.2%} vs {median['bare_accuracy']:.2%} ({accuracy_gap:+.2f} pp)", 0.3, unit=" pp"),
         row("train stage whole process / bare script whole process",
-            median["tracked_train"] / median["bare_total"],
-            f"{median['tracked_train'] / median['bare_total']:.2f} ({summary(measured['tracked_train'])} s vs "
+            fastest["tracked_train"] / fastest["bare_total"],
+            f"{fastest['tracked_train'] / fastest['bare_total']:.2f} ({summary(measured['tracked_train'])} s vs "
             f"{summary(measured['bare_total'])} s)", 0.60),
         row("fixed cost per training (train stage outside `fit`, tracking on)", fixed_cost,
             f"{fixed_cost:.1f} s", 3, unit=" s"),
         row("MLflow tracking overhead, train stage on vs off (whole process)",
-            (median["tracked_train"] / median["untracked_train"] - 1) * 100,
-            f"{median['tracked_train'] / median['untracked_train'] - 1:+.1%} ({summary(measured['tracked_train'])} s "
+            (fastest["tracked_train"] / fastest["untracked_train"] - 1) * 100,
+            f"{fastest['tracked_train'] / fastest['untracked_train'] - 1:+.1%} ({summary(measured['tracked_train'])} s "
             f"vs {summary(measured['untracked_train'])} s)", 3, unit="%"),
         row(f"quick experiment, `dvc exp run --force -S {' -S '.join(QUICK_OVERRIDES)}` (five stages)",
-            median["quick_experiment"], f"{summary(measured['quick_experiment'])} s", 10, unit=" s"),
+            fastest["quick_experiment"], f"{summary(measured['quick_experiment'])} s", 10, unit=" s"),
         row("quick experiment / bare script on the same 2,000 images, one epoch",
-            median["quick_experiment"] / median["quick_bare"],
-            f"{median['quick_experiment'] / median['quick_bare']:.2f} ({summary(measured['quick_bare'])} s bare)", 2.5),
+            fastest["quick_experiment"] / fastest["quick_bare"],
+            f"{fastest['quick_experiment'] / fastest['quick_bare']:.2f} ({summary(measured['quick_bare'])} s bare)", 2.5),
         row("fresh `dvc repro --force` of five stages / bare script whole process",
-            median["fresh_repro"] / median["bare_total"],
-            f"{median['fresh_repro'] / median['bare_total']:.2f} ({summary(measured['fresh_repro'])} s)", 1.3),
-        row("no-op `dvc repro`", median["noop_repro"], f"{summary(measured['noop_repro'])} s", 2, unit=" s"),
+            fastest["fresh_repro"] / fastest["bare_total"],
+            f"{fastest['fresh_repro'] / fastest['bare_total']:.2f} ({summary(measured['fresh_repro'])} s)", 1.3),
+        row("no-op `dvc repro`", fastest["noop_repro"], f"{summary(measured['noop_repro'])} s", 2, unit=" s"),
     ]
     if cnn_runs:
         accuracies = [accuracy for _, accuracy in cnn_runs]
-        cnn_fit = statistics.mean(fit for fit, _ in cnn_runs)
+        cnn_fit = min(fit for fit, _ in cnn_runs)  # the seeds cost the same: the fastest is the least disturbed
         rows += [
             row(f"CNN preset (`+experiment=cnn`): test accuracy, mean of {len(cnn_runs)} seeds",
                 statistics.mean(accuracies) * 100,
                 f"{statistics.mean(accuracies):.2%} ({', '.join(f'{value:.2%}' for value in accuracies)})",
                 99.5, at_most=False, unit="%"),
-            row("CNN preset fit / default MLP's fit", cnn_fit / median["stage_fit"],
-                f"{cnn_fit / median['stage_fit']:.1f} ({cnn_fit:.0f} s)", 12),
+            row("CNN preset fit / default MLP's fit", cnn_fit / fastest["stage_fit"],
+                f"{cnn_fit / fastest['stage_fit']:.1f} ({cnn_fit:.0f} s, the fastest of {len(cnn_runs)} seeds)", 12),
         ]
     before = previous_peaks()
     rows += [row(f"peak memory, {stage} stage alone (previous results: {before[stage]:.0f} MiB)", peak,
@@ -209,7 +214,7 @@ def write_results(measured: dict, stages: dict, cnn_runs: list, repeats: int) ->
     text = f"""# Benchmark results
 
 Measured by `make bench` on {date.today().isoformat()}: {machine()}.
-{repeats} interleaved repeats; seconds as min / median. Ratios use medians.
+{repeats} interleaved repeats; seconds as min / median. Ratios of times use the fastest repeat (min), accuracies the median.
 
 | figure | measured | target | met |
 | --- | --- | --- | --- |
