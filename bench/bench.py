@@ -26,6 +26,17 @@ STAGES = ["download", "preprocess", "train", "evaluate", "error_analysis"]
 QUICK_OVERRIDES = ["train.epochs=1", "data.limit=2000"]
 QUICK_BARE = ["--epochs", "1", "--limit", "2000"]
 CNN_SEEDS = 3
+# Runs a module as `python -m` would and writes its peak resident KiB (Linux's VmHWM) to a file at exit.
+PEAK_REPORTER = """
+import atexit, runpy, sys
+peak_file, module = sys.argv[1:3]
+def report():
+    with open("/proc/self/status") as status, open(peak_file, "w") as peak:
+        peak.write(next(line.split()[1] for line in status if line.startswith("VmHWM:")))
+atexit.register(report)
+sys.argv = [module]
+runpy.run_module(module, run_name="__main__", alter_sys=True)
+"""
 
 
 def timed(command: list[str], cwd: Path, env: dict) -> tuple[float, str]:
@@ -137,7 +148,7 @@ def measure_stages(project: Path, env: dict, overrides: list[str] = ()) -> dict[
     if overrides:
         timed([sys.executable, "-m", "pipeline.config", *overrides], project, env)
         timed(["dvc", "repro"], project, env)  # every stage's inputs for this setting
-    stages = {stage: wall_and_peak_memory([sys.executable, "-m", f"pipeline.{stage}"], project, env) for stage in STAGES}
+    stages = {stage: wall_and_peak_memory(stage, project, env) for stage in STAGES}
     if overrides:
         subprocess.run(["git", "checkout", "--", "params.yaml", "dvc.lock"], cwd=project, check=True)
         timed(["dvc", "repro"], project, env)
@@ -155,14 +166,22 @@ def measure_cnn(project: Path, env: dict) -> list[tuple[float, float]]:
     return runs
 
 
-def wall_and_peak_memory(command: list[str], cwd: Path, env: dict) -> tuple[float, float]:
-    """(wall seconds, peak resident MiB) of one process."""
-    started = time.perf_counter()
-    process = subprocess.Popen(command, cwd=cwd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    _, status, usage = os.wait4(process.pid, 0)
-    if status != 0:
-        sys.exit(f"bench: {' '.join(command)} failed")
-    return time.perf_counter() - started, usage.ru_maxrss / 1024  # KiB -> MiB
+def wall_and_peak_memory(stage: str, cwd: Path, env: dict) -> tuple[float, float]:
+    """(wall seconds, peak resident MiB) of one stage in its own process.
+
+    The stage reports its own peak (VmHWM, the high-water mark of its address space after exec):
+    a child's ru_maxrss also counts the pages of the process it was forked from (the kernel
+    records the old address space's high-water mark at exec), so a small stage would read as the
+    size of this bench process.
+    """
+    with tempfile.NamedTemporaryFile(mode="r") as peak:
+        started = time.perf_counter()
+        process = subprocess.run([sys.executable, "-c", PEAK_REPORTER, peak.name, f"pipeline.{stage}"], cwd=cwd, env=env,
+                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        seconds = time.perf_counter() - started
+        if process.returncode != 0:
+            sys.exit(f"bench: the {stage} stage failed")
+        return seconds, int(peak.read()) / 1024  # KiB -> MiB
 
 
 def previous_peaks() -> dict[str, float]:
