@@ -134,9 +134,7 @@ def measure_repeat(project: Path, env: dict, repeat: int, measured: dict) -> Non
     measured["import_keras"].append(timed([sys.executable, "-c", "import keras, tensorflow"], project, env)[0])
     measured["import_mlflow"].append(timed([sys.executable, "-c", "import mlflow.store.tracking.sqlalchemy_store"],
                                            project, env)[0])
-    # Back to the committed setting: the experiment left its params and outputs in the workspace.
-    subprocess.run(["git", "checkout", "--", "params.yaml", "dvc.lock"], cwd=project, check=True)
-    timed(["dvc", "repro"], project, env)  # outputs back from DVC's cache
+    back_to_committed_setting(project, env)  # the experiment left its params and outputs in the workspace
     print(f"bench: repeat {repeat + 1}: fresh repro {measured['fresh_repro'][-1]:.1f} s "
           f"(fit {measured['stage_fit'][-1]:.1f} s), bare {seconds:.1f} s (fit {bare['fit_seconds']:.1f} s), "
           f"quick experiment {measured['quick_experiment'][-1]:.1f} s", file=sys.stderr)
@@ -150,9 +148,14 @@ def measure_stages(project: Path, env: dict, overrides: list[str] = ()) -> dict[
         timed(["dvc", "repro"], project, env)  # every stage's inputs for this setting
     stages = {stage: wall_and_peak_memory(stage, project, env) for stage in STAGES}
     if overrides:
-        subprocess.run(["git", "checkout", "--", "params.yaml", "dvc.lock"], cwd=project, check=True)
-        timed(["dvc", "repro"], project, env)
+        back_to_committed_setting(project, env)
     return stages
+
+
+def back_to_committed_setting(project: Path, env: dict) -> None:
+    """The committed params.yaml and dvc.lock, and their outputs back from DVC's cache."""
+    subprocess.run(["git", "checkout", "--", "params.yaml", "dvc.lock"], cwd=project, check=True)
+    timed(["dvc", "repro"], project, env)
 
 
 def measure_cnn(project: Path, env: dict) -> list[tuple[float, float]]:
