@@ -20,7 +20,7 @@ from pathlib import Path
 
 import h5py
 
-from bench import REPO, latest_fit_seconds, make_project, timed
+from bench import REPO, latest_run, make_project, timed
 
 RESULTS = REPO / "bench" / "numerics.md"
 METRICS = ("test_accuracy", "test_loss", "f1_macro", "roc_auc_ovr")
@@ -62,7 +62,7 @@ def numerics() -> None:
             fingerprint = json.loads((project / "reports/numerics.json").read_text())
             rows.append({"name": name, "variables": variables, "metrics": metrics,
                          "weights": weights_digest(project / "models/model.keras"),
-                         "fit_seconds": latest_fit_seconds(project)[0], "fingerprint": fingerprint})
+                         "fit_seconds": latest_run(project)[0], "fingerprint": fingerprint})
             print(f"numerics: {name}: {metrics['test_accuracy']:.4f} {metrics['test_loss']:.6f} "
                   f"{rows[-1]['weights'][:12]} {rows[-1]['fit_seconds']:.1f} s", file=sys.stderr)
     write_results(rows)

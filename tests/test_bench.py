@@ -1,0 +1,16 @@
+"""`make bench` and `make numerics` run for half an hour and more: what breaks them at start must fail here."""
+
+import subprocess
+import sys
+
+import pytest
+
+from tests.helpers import REPO
+
+
+@pytest.mark.parametrize("script", ["bench", "numerics"])
+def test_the_bench_scripts_import(script):
+    """A helper renamed in one script and not in the other (as once happened to numerics.py) fails in seconds."""
+    result = subprocess.run([sys.executable, "-c", f"import {script}"], cwd=REPO / "bench",
+                            capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-2000:]
