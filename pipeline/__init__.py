@@ -4,6 +4,7 @@ import os
 import sys
 import tempfile
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Iterator
 
 # TensorFlow's C++ start-up chatter (CUDA probing on a CPU-only machine, oneDNN and CPU feature
@@ -16,6 +17,15 @@ os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
 os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "3")
 os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
 os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")
+
+
+def project_root() -> Path:
+    # DVC points DVC_ROOT at the main repository even for queued experiments, which run in
+    # temporary copies under .dvc/tmp/exps/: a store resolved from the working directory
+    # would be deleted with the copy.
+    return Path(os.environ.get("DVC_ROOT") or Path(__file__).resolve().parent.parent)
+
+
 # Written to file descriptor 2 while TensorFlow loads, before its log level applies.
 IMPORT_NOTICES = ("All log messages before absl::InitializeLog() is called", "cudart_stub.cc")
 
@@ -40,3 +50,13 @@ def tensorflow_import_notices_hidden() -> Iterator[None]:
             for line in captured.read().decode(errors="replace").splitlines(keepends=True):
                 if not any(notice in line for notice in IMPORT_NOTICES):
                     sys.stderr.write(line)
+
+
+# `make warm` (pipeline/warm.py): a stage started as `python -m pipeline.<stage>` runs as a fork of
+# the warm process when one is up, instead of importing TensorFlow, MLflow and the rest itself.
+if sys.argv[:1] == ["-m"]:  # while `python -m` imports this package, before it runs the module
+    _module = sys.orig_argv[sys.orig_argv.index("-m") + 1]
+    if _module != "pipeline.warm":
+        from pipeline import warm
+
+        warm.hand_over(_module)

@@ -17,7 +17,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from pipeline import tracking
+from pipeline import project_root, tracking
 from pipeline.errors import PipelineError, guard
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
@@ -30,7 +30,7 @@ def admin_password() -> str:
     path = os.environ.get("MLFLOW_AUTH_ADMIN_PASSWORD_FILE")
     if path:
         file = Path(path).expanduser().resolve()
-        if file.is_relative_to(tracking.project_root().resolve()):
+        if file.is_relative_to(project_root().resolve()):
             raise PipelineError(f"MLFLOW_AUTH_ADMIN_PASSWORD_FILE={path} lies inside the repository, one `git add` "
                                 "from being committed; keep it outside (e.g. ~/.config/mlflow/admin-password)")
         password = file.read_text(encoding="utf-8").strip()

@@ -26,6 +26,7 @@ from typing import Iterator
 import mlflow
 from mlflow.exceptions import MlflowException
 
+from pipeline import project_root
 from pipeline.errors import PipelineError, guard
 from pipeline.data_io import PREPARED_DIR, RUN_FILE, read_json
 
@@ -34,13 +35,6 @@ SERVER_TIMEOUT_SECONDS = 5
 # MLflow logs a store error with its traceback before raising it; the one line below replaces both.
 logging.getLogger("mlflow.store.db.utils").setLevel(logging.CRITICAL)
 RESULT_INPUTS = ("pipeline", "conf", "dvc.yaml", "requirements.lock")
-
-
-def project_root() -> Path:
-    # DVC points DVC_ROOT at the main repository even for queued experiments, which run in
-    # temporary copies under .dvc/tmp/exps/: a store resolved from the working directory
-    # would be deleted with the copy.
-    return Path(os.environ.get("DVC_ROOT") or Path(__file__).resolve().parent.parent)
 
 
 def tracking_uri() -> str:

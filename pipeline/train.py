@@ -18,7 +18,7 @@ import pandas as pd
 from mlflow.models import ModelSignature
 from mlflow.types import Schema, TensorSpec
 
-from pipeline import tensorflow_import_notices_hidden
+from pipeline import project_root, tensorflow_import_notices_hidden
 
 with tensorflow_import_notices_hidden():
     import keras
@@ -318,7 +318,7 @@ def describe_run(model_config: MlpConfig | CnnConfig, train_config: TrainConfig,
 def code_fingerprint() -> str:
     """What else decides the weights: the code that shapes them and the exact packages."""
     files = [Path(module.__file__) for module in (sys.modules[__name__], models, data_io)]
-    files += [tracking.project_root() / lock for lock in ("requirements.lock", "requirements-gpu.lock")]
+    files += [project_root() / lock for lock in ("requirements.lock", "requirements-gpu.lock")]
     return hashlib.sha256(b"".join(path.read_bytes() for path in files if path.exists())).hexdigest()
 
 

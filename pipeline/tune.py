@@ -27,7 +27,7 @@ from filelock import FileLock, Timeout
 from omegaconf import MISSING, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from pipeline import tracking
+from pipeline import project_root, tracking
 from pipeline.config import CONF_DIR, TUNED_PRESET, training_hash
 from pipeline.errors import PipelineError, guard
 
@@ -101,7 +101,7 @@ def run_trial(trial, space: SearchSpace, study_name: str) -> float:
     # `dvc exp run --temp` queues its entry in the repository's one stash and then runs whichever
     # entry is first there; two at once in one checkout can run each other's (or one twice):
     # https://github.com/iterative/dvc/blob/3.67.1/dvc/repo/experiments/queue/workspace.py#L85
-    lock = FileLock(tracking.project_root() / ".dvc" / "tmp" / "tune-trial.lock")
+    lock = FileLock(project_root() / ".dvc" / "tmp" / "tune-trial.lock")
     try:
         lock.acquire(timeout=0)
     except Timeout:
@@ -153,7 +153,7 @@ def earlier_run(overrides: list[str]):
 
 
 def default_storage() -> str:
-    return f"sqlite:///{tracking.project_root() / 'optuna.db'}"
+    return f"sqlite:///{project_root() / 'optuna.db'}"
 
 
 @tracking.store_faults()

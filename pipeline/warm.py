@@ -1,0 +1,291 @@
+"""`make warm`: one resident process that has already imported what the stages import (TensorFlow,
+Keras, MLflow and its SQLite store, scikit-learn, pandas, matplotlib, Hydra), so that each stage
+`dvc repro` or `dvc exp run` starts runs as a fork of it instead of paying those imports again
+(about 10 s per stage process on 2 cores: the bulk of a quick experiment).
+
+The stage commands stay `python -m pipeline.<stage>`: pipeline/__init__.py calls hand_over(), which
+sends the stage's module, arguments, working directory, environment and terminal (its file
+descriptors) over a Unix socket. The fork imports the pipeline's own modules fresh from that
+directory, so it runs the code on disk; its exit status is the stage's, and Ctrl-C reaches it. A
+stage runs in its own process as before when no warm process is up, or when the one that is up was
+started with other packages, another interpreter, or other values of the variables the preloaded
+libraries read while importing (TF_*, ONEDNN_*, ...): those are fixed in it by then.
+
+The socket lives in a folder only its owner can open, and answers only its owner.
+"""
+
+import argparse
+import gc
+import importlib
+import json
+import os
+import random
+import runpy
+import select
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import sysconfig
+import time
+import traceback
+from pathlib import Path
+
+from pipeline import project_root
+
+# One warm process per project, in DVC's own scratch folder (queued experiments find it through DVC_ROOT).
+FOLDER = project_root() / ".dvc" / "tmp" / "warm"
+SOCKET = FOLDER / "socket"
+PID_FILE = FOLDER / "pid"
+LOG_FILE = FOLDER / "log"
+# The modules DVC runs (dvc.yaml): what they import at the top is what the warm process preloads.
+STAGES = ("pipeline.config", "pipeline.download", "pipeline.preprocess", "pipeline.train", "pipeline.evaluate",
+          "pipeline.error_analysis")
+# Imported by the stages only when needed, but by every run.
+LATER_IMPORTS = ("mlflow.store.tracking.sqlalchemy_store", "mlflow.keras", "matplotlib.pyplot")
+# Variables that the preloaded libraries read while importing: a fork cannot take other values.
+IMPORT_TIME_VARIABLES = ("TF_", "KERAS_", "ONEDNN_", "DNNL_", "MKL", "KMP_", "OMP_", "OPENBLAS_", "CUDA", "NVIDIA_",
+                         "XLA_", "LD_", "PYTHON", "MPL", "MLFLOW_", "XDG_", "HOME")
+
+
+def fingerprint() -> dict:
+    """What a stage's process must share with the warm process to run as a fork of it."""
+    return {"Python": [sys.version, os.path.realpath(sys.prefix)],  # the venv, whichever link leads to it
+            "installed packages": os.stat(sysconfig.get_paths()["purelib"]).st_mtime_ns,  # pip (un)installing changes it
+            "variables": {key: value for key, value in os.environ.items() if key.startswith(IMPORT_TIME_VARIABLES)}}
+
+
+def hand_over(module: str) -> None:
+    """Runs this `python -m <module>` as a fork of the warm process and exits with its status;
+    returns at once, for the module to run here, when there is no warm process that can."""
+    if module not in STAGES or not SOCKET.exists():
+        return
+    connection = socket.socket(socket.AF_UNIX)
+    try:
+        connection.connect(str(SOCKET))
+    except OSError:
+        return  # a warm process that ended without removing its socket
+    request = {"module": module, "arguments": sys.argv[1:], "directory": os.getcwd(), "environment": dict(os.environ),
+               "fingerprint": fingerprint()}
+    try:
+        socket.send_fds(connection, [json.dumps(request).encode() + b"\n"], [0, 1, 2])
+    except OSError:
+        return  # e.g. a closed standard stream, which cannot be passed on
+    answers = connection.makefile("r")
+    answer = json.loads(answers.readline() or '{"cold": "the warm process did not answer"}')
+    if "cold" in answer:
+        print(f"warm: {answer['cold']}; this stage runs in its own process", file=sys.stderr)
+        return
+    for number in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):  # Ctrl-C, kill, a closed terminal
+        signal.signal(number, lambda number, _: os.kill(answer["pid"], number))
+    ended = json.loads(answers.readline() or "{}")
+    if "exit" not in ended:
+        sys.exit(f"error: warm: the warm process ended during {module}; run it again (`make cold` stops the warm "
+                 f"process; its log: {LOG_FILE})")
+    if ended["exit"] < 0:  # the stage died of a signal: so does its stand-in
+        signal.signal(-ended["exit"], signal.SIG_DFL)
+        os.kill(os.getpid(), -ended["exit"])
+    sys.exit(ended["exit"])
+
+
+def serve(idle_minutes: float) -> dict | None:
+    """Preloads, then forks one stage per connection until idle_minutes pass without one. Returns
+    only in a stage's fork, with that stage's request; the warm process itself exits here."""
+    started, expected, environment = time.monotonic(), fingerprint(), dict(os.environ)
+    preload()
+    # Set by the libraries while importing (scikit-learn's KMP_* for OpenMP): a stage's own process has them too.
+    set_by_imports = {key: value for key, value in os.environ.items() if environment.get(key) != value}
+    listener = socket.socket(socket.AF_UNIX)
+    listener.bind(str(FOLDER / f"socket.{os.getpid()}"))
+    listener.listen()
+    PID_FILE.write_text(str(os.getpid()))
+    os.replace(FOLDER / f"socket.{os.getpid()}", SOCKET)  # the socket appears when the warm process is ready
+    print(f"warm: ready in {time.monotonic() - started:.1f} s (pid {os.getpid()})", file=sys.stderr, flush=True)
+    signal.signal(signal.SIGTERM, lambda *_: leave("stopped"))
+    signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # the kernel reaps the forks
+    listener.settimeout(idle_minutes * 60)
+    while True:
+        try:
+            connection, _ = listener.accept()
+        except TimeoutError:
+            leave(f"no stage for {idle_minutes:g} minutes")
+        sys.stdout.flush()
+        sys.stderr.flush()
+        if os.fork() == 0:
+            listener.close()
+            for number in (signal.SIGTERM, signal.SIGCHLD):
+                signal.signal(number, signal.SIG_DFL)
+            try:
+                return supervise(connection, expected) | {"set_by_imports": set_by_imports}
+            except BaseException:  # a bug: its traceback goes to the log, the warm process goes on
+                traceback.print_exc()
+                os._exit(1)
+        connection.close()
+
+
+def preload() -> None:
+    """Imports every stage module, then forgets the pipeline's own modules: each fork imports them
+    again from its stage's directory, while the libraries they imported stay loaded."""
+    for module in (*STAGES, *LATER_IMPORTS):
+        importlib.import_module(module)
+    forget_pipeline_modules()
+    # mlflow.keras.log_model checks the model's requirements against what is installed, after mapping
+    # every installed package to its modules (~1 s): mapped once, here (mlflow/utils/requirements_utils.py).
+    from mlflow.utils.requirements_utils import _init_packages_to_modules_map
+
+    _init_packages_to_modules_map()
+    # Out of the garbage collector's sight: a fork that collects them (or frees them when it exits)
+    # writes to every page the warm process shares with it, ~2 s for what TensorFlow & co. import.
+    # https://docs.python.org/3/library/gc.html#gc.freeze
+    gc.collect()
+    gc.freeze()
+
+
+def forget_pipeline_modules() -> None:
+    for name in [name for name in sys.modules if name == "pipeline" or name.startswith("pipeline.")]:
+        del sys.modules[name]
+
+
+def leave(reason: str) -> None:
+    SOCKET.unlink(missing_ok=True)
+    PID_FILE.unlink(missing_ok=True)
+    print(f"warm: {reason}; exiting", file=sys.stderr, flush=True)
+    os._exit(0)
+
+
+def supervise(connection: socket.socket, expected: dict) -> dict:
+    """In a fork of the warm process: forks the stage, tells the stand-in its pid and then its exit
+    status, and ends the stage if the stand-in goes away (killed, its terminal closed)."""
+    _, uid, _ = struct.unpack("3i", connection.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12))
+    if uid != os.getuid():
+        os._exit(1)
+    data, descriptors, _, _ = socket.recv_fds(connection, 1 << 20, 3)
+    while data and not data.endswith(b"\n"):
+        data += connection.recv(1 << 20)
+    if not data:
+        os._exit(0)  # the stand-in went away before it asked
+    request = json.loads(data)
+    if request["fingerprint"] != expected:
+        ours, theirs = expected["variables"], request["fingerprint"]["variables"]
+        named = sorted(key for key in {*ours, *theirs} if ours.get(key) != theirs.get(key))
+        what = ", ".join(", ".join(named) if key == "variables" else key for key in expected
+                         if request["fingerprint"][key] != expected[key])
+        send(connection, {"cold": f"the warm process was started in another environment ({what} differ); "
+                                  "`make cold`, then `make warm` in this one"})
+        os._exit(0)
+    stage = os.fork()
+    if stage == 0:
+        connection.close()
+        for target, descriptor in enumerate(descriptors):
+            os.dup2(descriptor, target)
+            os.close(descriptor)
+        return request
+    for descriptor in descriptors:
+        os.close(descriptor)
+    send(connection, {"pid": stage})
+    began = time.monotonic()
+    waiting = [os.pidfd_open(stage), connection]
+    while True:
+        readable, _, _ = select.select(waiting, [], [])
+        if waiting[0] in readable:
+            break
+        if connection in readable and not connection.recv(1):
+            os.kill(stage, signal.SIGTERM)  # the stand-in is gone: so is the stage (it closes its MLflow run)
+            waiting.remove(connection)
+    exit_code = os.waitstatus_to_exitcode(os.waitpid(stage, 0)[1])
+    try:
+        send(connection, {"exit": exit_code})
+    except OSError:
+        pass  # the stand-in is gone
+    with LOG_FILE.open("a") as log:
+        log.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {request['module']} in {request['directory']}: "
+                  f"exit {exit_code} after {time.monotonic() - began:.1f} s\n")
+    os._exit(0)
+
+
+def send(connection: socket.socket, message: dict) -> None:
+    connection.sendall(json.dumps(message).encode() + b"\n")
+
+
+def run_stage(request: dict) -> None:
+    """In the stage's fork: become `python -m <module>` as its stand-in was started."""
+    os.chdir(request["directory"])
+    os.environ.clear()
+    os.environ.update(request["set_by_imports"] | request["environment"])
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGHUP, signal.SIG_DFL)
+    # Fresh streams on the stand-in's descriptors: buffered as Python buffers a terminal or a pipe.
+    sys.stdin = sys.__stdin__ = open(0, closefd=False)
+    sys.stdout = sys.__stdout__ = open(1, "w", buffering=1 if os.isatty(1) else -1, closefd=False)
+    sys.stderr = sys.__stderr__ = open(2, "w", buffering=1, closefd=False, errors="backslashreplace")
+    # Forks share the warm process's random state; a process of its own seeds from the OS.
+    random.seed()
+    sys.modules["numpy"].random.seed()
+    forget_pipeline_modules()
+    importlib.invalidate_caches()
+    sys.path[0] = request["directory"]  # as `python -m` puts the working directory first
+    sys.argv = [request["module"], *request["arguments"]]
+    runpy.run_module(request["module"], run_name="__main__", alter_sys=True)
+
+
+def start(idle_minutes: float) -> None:
+    if running():
+        print(f"warm: already running (pid {PID_FILE.read_text()}); `make cold` stops it", file=sys.stderr)
+        return
+    if len(os.fsencode(SOCKET)) + 8 > 107:  # a Unix socket's path limit, with room for ".<pid>"
+        sys.exit(f"error: warm: the path {SOCKET} is too long for a Unix socket (107 bytes at most); "
+                 "run the project from a shorter path")
+    FOLDER.mkdir(mode=0o700, parents=True, exist_ok=True)
+    FOLDER.chmod(0o700)
+    SOCKET.unlink(missing_ok=True)
+    print("warm: importing TensorFlow, Keras, MLflow, scikit-learn, pandas, matplotlib, Hydra ...", file=sys.stderr)
+    with LOG_FILE.open("a") as log:
+        process = subprocess.Popen([sys.executable, "-m", "pipeline.warm", "serve", "--idle-minutes", str(idle_minutes)],
+                                   stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True)
+    while not SOCKET.exists():
+        if process.poll() is not None:
+            sys.exit(f"error: warm: the warm process failed to start (exit {process.returncode}); see {LOG_FILE}")
+        time.sleep(0.1)
+    print(f"warm: ready (pid {process.pid}): stages now start as forks of it; it stops after {idle_minutes:g} "
+          "minutes without a stage, or with `make cold`", file=sys.stderr)
+
+
+def running() -> bool:
+    try:
+        os.kill(int(PID_FILE.read_text()), 0)
+    except (OSError, ValueError):
+        return False
+    return SOCKET.exists()
+
+
+def stop() -> None:
+    try:
+        pid = int(PID_FILE.read_text())
+        os.kill(pid, signal.SIGTERM)
+    except (OSError, ValueError):
+        SOCKET.unlink(missing_ok=True)
+        print("warm: not running", file=sys.stderr)
+        return
+    while SOCKET.exists():
+        time.sleep(0.05)
+    print(f"warm: stopped (pid {pid}); stages it is running finish", file=sys.stderr)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description="A warm process for quick stage start-ups (`make warm`).")
+    parser.add_argument("action", choices=["start", "stop", "serve"])
+    parser.add_argument("--idle-minutes", type=float, default=30, help="stop after this long without a stage")
+    arguments = parser.parse_args()
+    if arguments.action == "start":
+        start(arguments.idle_minutes)
+    elif arguments.action == "stop":
+        stop()
+    else:
+        request = serve(arguments.idle_minutes)
+        if request:
+            run_stage(request)
+
+
+if __name__ == "__main__":
+    main()
