@@ -25,6 +25,9 @@ STAGES = ["download", "preprocess", "train", "evaluate", "error_analysis"]
 # The quick experiment a user runs while trying ideas, and the bare script's twin of it.
 QUICK_OVERRIDES = ["train.epochs=1", "data.limit=2000"]
 QUICK_BARE = ["--epochs", "1", "--limit", "2000"]
+# --force: else DVC's run cache restores the repeats.
+QUICK_EXPERIMENT = ["dvc", "exp", "run", "--force", *(argument for override in QUICK_OVERRIDES
+                                                       for argument in ("-S", override))]
 CNN_SEEDS = 3
 # Runs a module as `python -m` would and writes its peak resident KiB (Linux's VmHWM) to a file at exit.
 PEAK_REPORTER = """
@@ -93,7 +96,8 @@ def bench(repeats: int, cnn: bool) -> None:
         env["MNIST_MIRROR"] = str(shared) if shared.is_dir() else ""
     measured = {key: [] for key in ("bare_fit", "bare_total", "bare_accuracy", "stage_fit", "stage_accuracy",
                                      "fresh_repro", "noop_repro", "tracked_train", "tracked_fit", "untracked_train",
-                                     "quick_experiment", "quick_bare", "import_keras", "import_mlflow")}
+                                     "quick_experiment", "quick_bare", "import_keras", "import_mlflow",
+                                     "warm_start", "warm_train", "warm_fit", "warm_quick_experiment", "warm_fresh_repro")}
     with tempfile.TemporaryDirectory(prefix="bench-") as scratch:
         project = make_project(Path(scratch))
         print(f"bench: project copy in {project}; {repeats} interleaved repeats", file=sys.stderr)
@@ -124,10 +128,8 @@ def measure_repeat(project: Path, env: dict, repeat: int, measured: dict) -> Non
     measured["bare_fit"].append(bare["fit_seconds"])
     measured["bare_total"].append(seconds)
     measured["bare_accuracy"].append(bare["test_accuracy"])
-    # The quick experiment: all five stages (--force: else DVC's run cache restores repeats).
-    measured["quick_experiment"].append(timed(
-        ["dvc", "exp", "run", "--force", *(argument for override in QUICK_OVERRIDES for argument in ("-S", override))],
-        project, env)[0])
+    # The quick experiment: all five stages.
+    measured["quick_experiment"].append(timed(QUICK_EXPERIMENT, project, env)[0])
     measured["quick_bare"].append(timed([sys.executable, str(REPO / "bench" / "bare_keras.py"), *QUICK_BARE],
                                         project, env)[0])
     # The floor under every stage that loads a model or logs to MLflow: a fresh process's imports.
@@ -135,9 +137,25 @@ def measure_repeat(project: Path, env: dict, repeat: int, measured: dict) -> Non
     measured["import_mlflow"].append(timed([sys.executable, "-c", "import mlflow.store.tracking.sqlalchemy_store"],
                                            project, env)[0])
     back_to_committed_setting(project, env)  # the experiment left its params and outputs in the workspace
+    measure_warm(project, env, measured)
     print(f"bench: repeat {repeat + 1}: fresh repro {measured['fresh_repro'][-1]:.1f} s "
           f"(fit {measured['stage_fit'][-1]:.1f} s), bare {seconds:.1f} s (fit {bare['fit_seconds']:.1f} s), "
-          f"quick experiment {measured['quick_experiment'][-1]:.1f} s", file=sys.stderr)
+          f"quick experiment {measured['quick_experiment'][-1]:.1f} s; with `make warm`: fresh repro "
+          f"{measured['warm_fresh_repro'][-1]:.1f} s, quick experiment {measured['warm_quick_experiment'][-1]:.1f} s",
+          file=sys.stderr)
+
+
+def measure_warm(project: Path, env: dict, measured: dict) -> None:
+    """The train stage, the quick experiment and a fresh repro again, with `make warm`'s process up."""
+    measured["warm_start"].append(timed([sys.executable, "-m", "pipeline.warm", "start"], project, env)[0])
+    try:
+        measured["warm_train"].append(timed([sys.executable, "-m", "pipeline.train"], project, env)[0])
+        measured["warm_fit"].append(latest_run(project)[0])
+        measured["warm_quick_experiment"].append(timed(QUICK_EXPERIMENT, project, env)[0])
+        back_to_committed_setting(project, env)
+        measured["warm_fresh_repro"].append(timed(["dvc", "repro", "--force"], project, env)[0])
+    finally:
+        timed([sys.executable, "-m", "pipeline.warm", "stop"], project, env)
 
 
 def measure_stages(project: Path, env: dict, overrides: list[str] = ()) -> dict[str, tuple[float, float]]:
@@ -206,6 +224,7 @@ def write_results(measured: dict, stages: dict, quick_stages: dict, cnn_runs: li
     fastest = {key: min(values) for key, values in measured.items()}
     median = {key: statistics.median(values) for key, values in measured.items()}
     fixed_cost = min(wall - fit for wall, fit in zip(measured["tracked_train"], measured["tracked_fit"]))
+    warm_fixed_cost = min(wall - fit for wall, fit in zip(measured["warm_train"], measured["warm_fit"]))
     bare_fixed_cost = min(total - fit for total, fit in zip(measured["bare_total"], measured["bare_fit"]))
     accuracy_gap = (median["stage_accuracy"] - median["bare_accuracy"]) * 100
     rows = [
@@ -234,6 +253,23 @@ def write_results(measured: dict, stages: dict, quick_stages: dict, cnn_runs: li
             fastest["fresh_repro"] / fastest["bare_total"],
             f"{fastest['fresh_repro'] / fastest['bare_total']:.2f} ({summary(measured['fresh_repro'])} s)", 1.3),
         row("no-op `dvc repro`", fastest["noop_repro"], f"{summary(measured['noop_repro'])} s", 2, unit=" s"),
+        # The same targets with `make warm` up: the stages run as forks of a process that has imported everything.
+        row("with `make warm`: train stage whole process / bare script whole process",
+            fastest["warm_train"] / fastest["bare_total"],
+            f"{fastest['warm_train'] / fastest['bare_total']:.2f} ({summary(measured['warm_train'])} s)", 0.60),
+        row("with `make warm`: fixed cost per training (train stage outside `fit`, tracking on)", warm_fixed_cost,
+            f"{warm_fixed_cost:.1f} s", 3, unit=" s"),
+        row("with `make warm`: quick experiment", fastest["warm_quick_experiment"],
+            f"{summary(measured['warm_quick_experiment'])} s", 10, unit=" s"),
+        row("with `make warm`: quick experiment / bare script on the same 2,000 images",
+            fastest["warm_quick_experiment"] / fastest["quick_bare"],
+            f"{fastest['warm_quick_experiment'] / fastest['quick_bare']:.2f}", 2.5),
+        row("with `make warm`: fresh `dvc repro --force` / bare script whole process",
+            fastest["warm_fresh_repro"] / fastest["bare_total"],
+            f"{fastest['warm_fresh_repro'] / fastest['bare_total']:.2f} ({summary(measured['warm_fresh_repro'])} s)",
+            1.3),
+        f"| `make warm` itself: its start-up, paid once (it stays up until 30 minutes without a stage) "
+        f"| {summary(measured['warm_start'])} s | - | - |",
         # No targets: where the time outside the arithmetic goes, measured in the same run.
         f"| a fresh Python process importing Keras with TensorFlow (the train and evaluate stages, the bare script) "
         f"| {summary(measured['import_keras'])} s | - | - |",
