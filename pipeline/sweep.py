@@ -56,18 +56,24 @@ def sweep(settings: list[str], seeds: int, jobs: int, devices: list[str], force:
     subprocess.run(["dvc", "exp", "run", "--run-all", "--jobs", str(jobs)], check=True)
 
     # DVC restores a stage it has run before with the same inputs from its run cache, without
-    # executing it: such an experiment logs nothing new, and its earlier run stands for it.
-    missing = []
+    # executing it: such an experiment logs nothing new, and its earlier run stands for it, if that
+    # run is of committed code (`make reproduce RUN=` rebuilds only those).
+    missing, uncommitted = [], []
     for name, hash_ in queued.items():
         new = tracked_run_id(hash_, commit=None, sweep=sweep_id)
-        earlier = new or tracked_run_id(hash_, commit=None)
-        if not earlier:
-            missing.append(name)
-        elif not new:
+        earlier = new or tracked_run_id(hash_, commit=None, clean=True)
+        if earlier and not new:
             print(f"sweep: {name} was restored from DVC's run cache; its run is {earlier}", file=sys.stderr)
+        elif not earlier:
+            (uncommitted if tracked_run_id(hash_, commit=None) else missing).append(name)
     if missing:
         raise PipelineError(f"no finished MLflow run for {', '.join(missing)} in {tracking.tracking_uri()}; "
                             "see `dvc queue logs <name>`, or retrain with FORCE=1")
+    if uncommitted:
+        settings = " ".join(sorted({name.rsplit("-seed", 1)[0] for name in uncommitted}))
+        raise PipelineError(f"DVC restored {', '.join(uncommitted)} from its run cache, and the only run of that "
+                            "config was logged from uncommitted code (tag git.dirty), which `make reproduce RUN=` "
+                            f"cannot rebuild; retrain with `make sweep SETTINGS=\"{settings}\" FORCE=1`")
     print(f"sweep: {len(queued)} experiments tracked; `make compare` tabulates them", file=sys.stderr)
 
 
@@ -111,11 +117,14 @@ def visible_gpus() -> list[str]:
     return listed.split()
 
 
-def tracked_run_id(hash_: str, commit: str | None, sweep: str | None = None) -> str | None:
-    """The newest finished, evaluated run with this config hash (from this clean commit, or sweep)."""
+def tracked_run_id(hash_: str, commit: str | None, sweep: str | None = None, clean: bool = False) -> str | None:
+    """The newest finished, evaluated run with this config hash (from this commit, or sweep; clean:
+    logged from committed code, as a commit's runs always are)."""
     conditions = [f"tags.`config.hash` = '{hash_}'", "attributes.status = 'FINISHED'", "metrics.test_accuracy >= 0"]
     if commit:
-        conditions += [f"tags.`git.commit` = '{commit}'", "tags.`git.dirty` = 'false'"]
+        conditions.append(f"tags.`git.commit` = '{commit}'")
+    if commit or clean:
+        conditions.append("tags.`git.dirty` = 'false'")
     if sweep:
         conditions.append(f"tags.sweep = '{sweep}'")
     runs = mlflow.search_runs(experiment_ids=[tracking.experiment_id()], output_format="list", max_results=1,

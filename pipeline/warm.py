@@ -11,11 +11,12 @@ stage runs in its own process as before when no warm process is up, or when the 
 started with other packages, another interpreter, or other values of the variables the preloaded
 libraries read while importing (TF_*, ONEDNN_*, ...): those are fixed in it by then.
 
-The socket lives in a folder only its owner can open, and answers only its owner.
+The socket lives in a folder only its owner can open, and each side checks the other's user.
 """
 
 import argparse
 import gc
+import hashlib
 import importlib
 import json
 import os
@@ -24,21 +25,26 @@ import runpy
 import select
 import signal
 import socket
+import stat
 import struct
 import subprocess
 import sys
 import sysconfig
+import tempfile
 import time
 import traceback
 from pathlib import Path
 
 from pipeline import project_root
 
-# One warm process per project, in DVC's own scratch folder (queued experiments find it through DVC_ROOT).
+# One warm process per project (queued experiments find theirs through DVC_ROOT): its pid and log in
+# DVC's scratch folder, its socket in a folder of this user's that only they can open, as tmux does,
+# with a path short enough for a Unix socket (107 bytes) wherever the project lies.
 FOLDER = project_root() / ".dvc" / "tmp" / "warm"
-SOCKET = FOLDER / "socket"
 PID_FILE = FOLDER / "pid"
 LOG_FILE = FOLDER / "log"
+SOCKETS = Path(os.environ.get("XDG_RUNTIME_DIR") or tempfile.gettempdir()) / f"mnist-pipeline-{os.getuid()}"
+SOCKET = SOCKETS / hashlib.sha256(os.fsencode(project_root().resolve())).hexdigest()[:16]
 # The modules DVC runs (dvc.yaml): what they import at the top is what the warm process preloads.
 STAGES = ("pipeline.config", "pipeline.download", "pipeline.preprocess", "pipeline.train", "pipeline.evaluate",
           "pipeline.error_analysis")
@@ -59,13 +65,15 @@ def fingerprint() -> dict:
 def hand_over(module: str) -> None:
     """Runs this `python -m <module>` as a fork of the warm process and exits with its status;
     returns at once, for the module to run here, when there is no warm process that can."""
-    if module not in STAGES or not SOCKET.exists():
+    if module not in STAGES or not SOCKET.exists() or not private(SOCKETS):
         return
     connection = socket.socket(socket.AF_UNIX)
     try:
         connection.connect(str(SOCKET))
     except OSError:
         return  # a warm process that ended without removing its socket
+    if peer_uid(connection) != os.getuid():
+        return
     request = {"module": module, "arguments": sys.argv[1:], "directory": os.getcwd(), "environment": dict(os.environ),
                "fingerprint": fingerprint()}
     try:
@@ -97,10 +105,10 @@ def serve(idle_minutes: float) -> dict | None:
     # Set by the libraries while importing (scikit-learn's KMP_* for OpenMP): a stage's own process has them too.
     set_by_imports = {key: value for key, value in os.environ.items() if environment.get(key) != value}
     listener = socket.socket(socket.AF_UNIX)
-    listener.bind(str(FOLDER / f"socket.{os.getpid()}"))
+    listener.bind(f"{SOCKET}.{os.getpid()}")
     listener.listen()
     PID_FILE.write_text(str(os.getpid()))
-    os.replace(FOLDER / f"socket.{os.getpid()}", SOCKET)  # the socket appears when the warm process is ready
+    os.replace(f"{SOCKET}.{os.getpid()}", SOCKET)  # the socket appears when the warm process is ready
     print(f"warm: ready in {time.monotonic() - started:.1f} s (pid {os.getpid()})", file=sys.stderr, flush=True)
     signal.signal(signal.SIGTERM, lambda *_: leave("stopped"))
     signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # the kernel reaps the forks
@@ -157,8 +165,7 @@ def leave(reason: str) -> None:
 def supervise(connection: socket.socket, expected: dict) -> dict:
     """In a fork of the warm process: forks the stage, tells the stand-in its pid and then its exit
     status, and ends the stage if the stand-in goes away (killed, its terminal closed)."""
-    _, uid, _ = struct.unpack("3i", connection.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12))
-    if uid != os.getuid():
+    if peer_uid(connection) != os.getuid():
         os._exit(1)
     data, descriptors, _, _ = socket.recv_fds(connection, 1 << 20, 3)
     while data and not data.endswith(b"\n"):
@@ -233,11 +240,10 @@ def start(idle_minutes: float) -> None:
     if running():
         print(f"warm: already running (pid {PID_FILE.read_text()}); `make cold` stops it", file=sys.stderr)
         return
-    if len(os.fsencode(SOCKET)) + 8 > 107:  # a Unix socket's path limit, with room for ".<pid>"
-        sys.exit(f"error: warm: the path {SOCKET} is too long for a Unix socket (107 bytes at most); "
-                 "run the project from a shorter path")
-    FOLDER.mkdir(mode=0o700, parents=True, exist_ok=True)
-    FOLDER.chmod(0o700)
+    FOLDER.mkdir(parents=True, exist_ok=True)
+    SOCKETS.mkdir(mode=0o700, exist_ok=True)
+    if not private(SOCKETS):
+        sys.exit(f"error: warm: {SOCKETS} is not a folder that only you can open; remove it, then `make warm`")
     SOCKET.unlink(missing_ok=True)
     print("warm: importing TensorFlow, Keras, MLflow, scikit-learn, pandas, matplotlib, Hydra ...", file=sys.stderr)
     with LOG_FILE.open("a") as log:
@@ -249,6 +255,16 @@ def start(idle_minutes: float) -> None:
         time.sleep(0.1)
     print(f"warm: ready (pid {process.pid}): stages now start as forks of it; it stops after {idle_minutes:g} "
           "minutes without a stage, or with `make cold`", file=sys.stderr)
+
+
+def private(folder: Path) -> bool:
+    """A real folder (no link) of this user's that nobody else can open."""
+    status = folder.lstat()
+    return stat.S_ISDIR(status.st_mode) and status.st_uid == os.getuid() and not status.st_mode & 0o077
+
+
+def peer_uid(connection: socket.socket) -> int:
+    return struct.unpack("3i", connection.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12))[1]
 
 
 def running() -> bool:

@@ -81,6 +81,27 @@ def test_second_sweep_trains_nothing(tiny_sweep):
     assert len(mlflow.search_runs(experiment_names=["mnist"], output_format="list")) == len(runs)
 
 
+@pytest.mark.slow
+def test_a_sweep_never_stands_on_a_run_of_uncommitted_code(tmp_path, mnist_url):
+    """An experiment DVC restores from its run cache logs nothing: the earlier run it stands for must
+    be of committed code, or `make reproduce RUN=` could not rebuild the table's row."""
+    project = make_project(tmp_path, shrink_conf=True)
+    env = environment(mnist_url)
+    edited = project / "pipeline/sweep.py"  # tracked, but no stage's input: git says dirty, DVC sees the same stages
+    committed = edited.read_text()
+    edited.write_text(committed + "# an edit not yet committed\n")
+    run(project, ["dvc", "exp", "run", "-S", "+experiment=default", "-S", "train.seed=0"], env)  # fills the run cache
+    edited.write_text(committed)
+
+    result = run(project, [sys.executable, "-m", "pipeline.sweep", "default"], env, check=False)
+
+    assert result.returncode == 1
+    assert [line for line in result.stderr.splitlines() if line.startswith("error:")] == [
+        "error: sweep: DVC restored default-seed0 from its run cache, and the only run of that config was logged from "
+        "uncommitted code (tag git.dirty), which `make reproduce RUN=` cannot rebuild; retrain with "
+        "`make sweep SETTINGS=\"default\" FORCE=1`"]
+
+
 def readme_table(readme: Path) -> str:
     text = readme.read_text()
     return text[text.index(README_BEGIN) + len(README_BEGIN):text.index(README_END)].strip("\n") + "\n"

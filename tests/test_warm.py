@@ -2,10 +2,14 @@
 with the same results, errors and exit codes as in processes of their own."""
 
 import json
+import os
 import signal
+import stat
 import subprocess
 import sys
+import tempfile
 import time
+from pathlib import Path
 
 import pytest
 
@@ -89,12 +93,18 @@ def test_ctrl_c_reaches_the_stage(warm_project):
     assert "exit 130" in served(project)[-1]
 
 
+def test_its_socket_is_in_a_folder_only_its_user_can_open(warm_project):
+    sockets = Path(tempfile.gettempdir()) / f"mnist-pipeline-{os.getuid()}"
+    assert stat.S_IMODE(sockets.lstat().st_mode) == 0o700 and sockets.lstat().st_uid == os.getuid()
+    assert [path.stat().st_mode for path in sockets.iterdir() if stat.S_ISSOCK(path.stat().st_mode)]
+
+
 def test_stop_ends_it_and_stages_run_on_their_own_again(warm_project):
     project, env = warm_project
     warm(project, env, "stop")
     before = len(served(project))
 
-    assert not (project / ".dvc/tmp/warm/socket").exists()
+    assert not (project / ".dvc/tmp/warm/pid").exists()
     run(project, [sys.executable, "-m", "pipeline.download"], env)
     assert len(served(project)) == before
     assert "warm: not running" in warm(project, env, "stop").stderr
