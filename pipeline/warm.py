@@ -237,6 +237,8 @@ def run_stage(request: dict) -> None:
 
 
 def start(idle_minutes: float) -> None:
+    if not hasattr(os, "pidfd_open"):
+        sys.exit("error: warm: needs Linux 5.3 or newer (pidfd_open); the stages run in their own processes")
     if running():
         print(f"warm: already running (pid {PID_FILE.read_text()}); `make cold` stops it", file=sys.stderr)
         return
@@ -267,22 +269,27 @@ def peer_uid(connection: socket.socket) -> int:
     return struct.unpack("3i", connection.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12))[1]
 
 
-def running() -> bool:
+def warm_pid() -> int | None:
+    """The warm process's pid, if it runs (a pid file can outlive it, and its pid be reused)."""
     try:
-        os.kill(int(PID_FILE.read_text()), 0)
+        pid = int(PID_FILE.read_text())
+        command = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
     except (OSError, ValueError):
-        return False
-    return SOCKET.exists()
+        return None
+    return pid if command[1:4] == [b"-m", b"pipeline.warm", b"serve"] else None
+
+
+def running() -> bool:
+    return warm_pid() is not None and SOCKET.exists()
 
 
 def stop() -> None:
-    try:
-        pid = int(PID_FILE.read_text())
-        os.kill(pid, signal.SIGTERM)
-    except (OSError, ValueError):
+    pid = warm_pid()
+    if pid is None:
         SOCKET.unlink(missing_ok=True)
         print("warm: not running", file=sys.stderr)
         return
+    os.kill(pid, signal.SIGTERM)
     while SOCKET.exists():
         time.sleep(0.05)
     print(f"warm: stopped (pid {pid}); stages it is running finish", file=sys.stderr)
