@@ -130,7 +130,7 @@ def markdown(summary: pd.DataFrame, per_class: pd.DataFrame) -> str:
 
 def plot(runs_by_setting: dict, summary: pd.DataFrame) -> None:
     client = mlflow.MlflowClient()
-    figure, (curves, bars) = pyplot().subplots(1, 2, figsize=(12, 4.5))
+    figure, (curves, bars) = pyplot().subplots(1, 2, figsize=(12, 4.5), layout="tight")
     for setting, runs in runs_by_setting.items():
         histories = [[point.value for point in sorted(client.get_metric_history(run.info.run_id, "val_accuracy"),
                                                        key=lambda point: point.step)] for run in runs]

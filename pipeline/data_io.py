@@ -162,7 +162,6 @@ def pyplot():
 def save_figure(figure, destination: Path) -> None:
     """Saves a matplotlib figure as PNG, atomically, and frees it."""
     plt = pyplot()
-    figure.tight_layout()
     with atomic_path(destination) as temporary:
         figure.savefig(temporary, dpi=100)
     plt.close(figure)

@@ -333,7 +333,7 @@ def write_history(run_id: str, history_file: Path, curves_file: Path) -> None:
 
     from matplotlib.ticker import MaxNLocator
 
-    figure, (loss_axes, accuracy_axes) = pyplot().subplots(1, 2, figsize=(10, 4))
+    figure, (loss_axes, accuracy_axes) = pyplot().subplots(1, 2, figsize=(10, 4), layout="tight")
     for axes, metric in ((loss_axes, "loss"), (accuracy_axes, "accuracy")):
         axes.plot(table.epoch, table[metric], marker="o", label="training")
         axes.plot(table.epoch, table[f"val_{metric}"], marker="o", label="validation")

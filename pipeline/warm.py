@@ -15,6 +15,7 @@ The socket lives in a folder only its owner can open, and each side checks the o
 """
 
 import argparse
+import atexit
 import gc
 import hashlib
 import importlib
@@ -31,6 +32,7 @@ import subprocess
 import sys
 import sysconfig
 import tempfile
+import threading
 import time
 import traceback
 from pathlib import Path
@@ -233,7 +235,29 @@ def run_stage(request: dict) -> None:
     importlib.invalidate_caches()
     sys.path[0] = request["directory"]  # as `python -m` puts the working directory first
     sys.argv = [request["module"], *request["arguments"]]
-    runpy.run_module(request["module"], run_name="__main__", alter_sys=True)
+    try:
+        runpy.run_module(request["module"], run_name="__main__", alter_sys=True)
+    except SystemExit as exit:
+        leave_stage(exit.code)
+    leave_stage(None)
+
+
+def leave_stage(status) -> None:
+    """Exits as Python does (threads joined, atexit handlers, streams flushed, sys.exit's status),
+    but without tearing down the interpreter: freeing the modules the fork shares with the warm
+    process takes ~0.3 s per stage and leaves nothing behind that os._exit does not.
+    Python's own order: https://docs.python.org/3/c-api/init.html#c.Py_FinalizeEx"""
+    threading._shutdown()  # waits for non-daemon threads, as Python does before atexit (private)
+    atexit._run_exitfuncs()
+    if status is not None and not isinstance(status, int):
+        print(status, file=sys.stderr)
+        status = 1
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except OSError:
+            pass
+    os._exit(status or 0)
 
 
 def start(idle_minutes: float) -> None:

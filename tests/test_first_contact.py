@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 import yaml
 
-from tests.helpers import REPO, environment, error_lines, free_port, make_project, run
+from tests.helpers import REPO, environment, error_lines, free_port, git, make_project, run
 
 # The project copies have no .venv of their own: the tests' interpreter stands in for it.
 MAKE = ["make", "--no-print-directory", "-o", ".venv/.installed"]
@@ -63,6 +63,15 @@ def test_dvc_knows_every_module_that_shapes_a_stage_output(tmp_path, mnist_url):
             "requirements.lock"} <= set(stages["train"]["deps"])
     for stage in ("download", "preprocess", "train", "evaluate", "error-analysis"):
         assert "pipeline/data_io.py" in stages[stage]["deps"], stage
+
+
+def test_the_committed_dvc_lock_matches_the_committed_code_and_params(mnist_url):
+    """Otherwise a clone's `dvc repro` retrains from code that no committed result came from."""
+    tracked = set(git(REPO, "ls-files").splitlines())
+    status = json.loads(run(REPO, ["dvc", "status", "--json"], environment(mnist_url)).stdout)
+    stale = {stage: path for stage, changes in status.items() for change in changes
+             for path in change.get("changed deps", {}) if path.rstrip("/") in tracked | {"conf"}}
+    assert not stale, f"dvc.lock is older than {stale}: run `dvc repro` and commit dvc.lock"
 
 
 @pytest.mark.parametrize("override, message", [
