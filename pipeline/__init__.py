@@ -1,4 +1,7 @@
-"""The MNIST pipeline: one module per DVC stage, plus config, errors, tracking, data_io, numerics and models."""
+"""The MNIST pipeline: one module per DVC stage (config composes params.yaml; download, preprocess,
+train, evaluate, error_analysis), the modules they share (errors, data_io, tracking, numerics,
+models), and the commands of the Makefile (warm, sweep, tune, compare, reproduce, serve, server).
+"""
 
 import os
 import sys
@@ -54,9 +57,13 @@ def tensorflow_import_notices_hidden() -> Iterator[None]:
 
 # `make warm` (pipeline/warm.py): a stage started as `python -m pipeline.<stage>` runs as a fork of
 # the warm process when one is up, instead of importing TensorFlow, MLflow and the rest itself.
-if sys.argv[:1] == ["-m"]:  # while `python -m` imports this package, before it runs the module
-    _module = sys.orig_argv[sys.orig_argv.index("-m") + 1]
-    if _module != "pipeline.warm":
-        from pipeline import warm
+def _hand_over_to_the_warm_process() -> None:
+    if sys.argv[:1] == ["-m"] and "-m" in sys.orig_argv:  # `python -m` imports this package before the module
+        module = sys.orig_argv[sys.orig_argv.index("-m") + 1]
+        if module != "pipeline.warm":
+            from pipeline import warm
 
-        warm.hand_over(_module)
+            warm.hand_over(module)
+
+
+_hand_over_to_the_warm_process()

@@ -1,7 +1,8 @@
 """`make compare`: the hyperparameter comparison, regenerated from tracked MLflow runs alone.
 
 A run belongs to a setting when its config (seed aside) equals that preset's composition of conf/:
-the `config.hash_without_seed` tag. Per setting and seed the latest finished run counts. Writes
+the `config.hash_without_seed` tag. Per setting and seed the latest finished run of committed code
+counts (tag `git.dirty` false), else the latest finished run, marked in the table. Writes
 reports/comparison.{md,csv,png} and refreshes the table in README.md. Nothing here is typed by
 hand except the source article's claimed figures, shown beside the measured ones.
 
@@ -34,22 +35,29 @@ PER_CLASS_FILE = REPORTS_DIR / "comparison_per_class.csv"
 CHART_FILE = REPORTS_DIR / "comparison.png"
 README = Path("README.md")
 README_BEGIN, README_END = "<!-- comparison:begin -->", "<!-- comparison:end -->"
+UNCOMMITTED_MARK = "†"
 
 
 def setting_runs() -> dict[str, list[mlflow.entities.Run]]:
-    """{setting: its latest finished, evaluated run per seed}."""
+    """{setting: its latest finished, evaluated run per seed, of committed code when there is one}."""
     hashes = {training_hash([f"+experiment={name}"], without_seed=True): name
               for name in SETTINGS if (CONF_DIR / "experiment" / f"{name}.yaml").exists()}
     runs = mlflow.search_runs(experiment_ids=[tracking.experiment_id()], output_format="list",
                               filter_string="attributes.status = 'FINISHED' and metrics.test_accuracy >= 0",
                               order_by=["attributes.start_time DESC"])
     chosen: dict[str, dict[str, mlflow.entities.Run]] = {name: {} for name in SETTINGS}
-    for run in runs:
+    for run in runs:  # newest first
         setting = hashes.get(run.data.tags.get("config.hash_without_seed"))
-        if setting:
-            chosen[setting].setdefault(run.data.params["train.seed"], run)  # newest first
+        seed = run.data.params.get("train.seed")
+        if setting and (seed not in chosen[setting] or uncommitted(chosen[setting][seed]) and not uncommitted(run)):
+            chosen[setting][seed] = run
     return {name: sorted(by_seed.values(), key=lambda run: int(run.data.params["train.seed"]))
             for name, by_seed in chosen.items()}
+
+
+def uncommitted(run: mlflow.entities.Run) -> bool:
+    """Logged from code that no commit holds: `make reproduce RUN=` cannot rebuild it."""
+    return run.data.tags.get("git.dirty") != "false"
 
 
 def summary_table(runs_by_setting: dict) -> pd.DataFrame:
@@ -74,6 +82,7 @@ def summary_table(runs_by_setting: dict) -> pd.DataFrame:
             "fit_seconds_mean": np.mean([run.data.metrics.get("fit_seconds", np.nan) for run in runs])
             if runs else np.nan,
             "run_ids": " ".join(run.info.run_id for run in runs),
+            "uncommitted_run_ids": " ".join(run.info.run_id for run in runs if uncommitted(run)),
         })
     return pd.DataFrame(rows)
 
@@ -110,7 +119,8 @@ def markdown(summary: pd.DataFrame, per_class: pd.DataFrame) -> str:
         measured = "not run" if row.n == 0 else percent(row.test_accuracy_mean) + (
             f" ± {row.test_accuracy_std:.2%}" if row.n > 1 else "")
         fit = "—" if pd.isna(row.fit_seconds_mean) else f"{row.fit_seconds_mean:.0f} s"
-        runs = ", ".join(f"`{run_id[:8]}`" for run_id in row.run_ids.split())
+        runs = ", ".join(f"`{run_id[:8]}`" + (UNCOMMITTED_MARK if run_id in row.uncommitted_run_ids else "")
+                         for run_id in row.run_ids.split())
         learning_rate = f"{float(row.learning_rate):.3g}" if row.learning_rate else ""
         if row.schedule != "constant":
             learning_rate += f" ({row.schedule})"
@@ -119,6 +129,11 @@ def markdown(summary: pd.DataFrame, per_class: pd.DataFrame) -> str:
                      f"{measured} | {row.n} | {percent(row.claimed_test_accuracy)} | {fit} | {runs} |")
     lines += ["", "Measured: mean ± sample standard deviation over seeds (n runs) on the official "
               "MNIST test set (10,000 images unless data.limit shrinks it). Claimed: the source article's figure, not reproduced here.", ""]
+    unrebuildable = summary[summary.uncommitted_run_ids.str.len() > 0].setting
+    if len(unrebuildable):
+        lines += [f"{UNCOMMITTED_MARK} Logged from uncommitted code (tag `git.dirty`): no commit rebuilds it with "
+                  "`make reproduce RUN=`. Commit the code and conf/, then `make sweep SETTINGS=\"" +
+                  " ".join(unrebuildable) + "\" FORCE=1`.", ""]
     if not per_class.empty:
         lines += ["Per-digit test accuracy (mean over seeds):", "",
                   "| digit | " + " | ".join(per_class.columns) + " |",

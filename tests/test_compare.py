@@ -71,6 +71,7 @@ def test_table_is_regenerated_from_the_tracked_runs(tiny_sweep):
     assert (project / "reports/comparison.png").read_bytes()[:4] == b"\x89PNG"
     markdown = (project / "reports/comparison.md").read_text()
     assert markdown in readme_table(project / "README.md")
+    assert "†" not in markdown  # the sweep's runs are of committed code
 
 
 @pytest.mark.slow
@@ -100,6 +101,14 @@ def test_a_sweep_never_stands_on_a_run_of_uncommitted_code(tmp_path, mnist_url):
         "error: sweep: DVC restored default-seed0 from its run cache, and the only run of that config was logged from "
         "uncommitted code (tag git.dirty), which `make reproduce RUN=` cannot rebuild; retrain with "
         "`make sweep SETTINGS=\"default\" FORCE=1`"]
+    # The comparison table still shows the run, marked, and says what makes it rebuildable.
+    run(project, [sys.executable, "-m", "pipeline.compare", "--force"], env)
+    mlflow.set_tracking_uri(f"sqlite:///{project / 'mlflow.db'}")
+    [dirty] = mlflow.search_runs(experiment_names=["mnist"], output_format="list")
+    markdown = (project / "reports/comparison.md").read_text()
+    assert f"| `{dirty.info.run_id[:8]}`† |" in markdown
+    assert ("† Logged from uncommitted code (tag `git.dirty`): no commit rebuilds it with `make reproduce RUN=`. "
+            "Commit the code and conf/, then `make sweep SETTINGS=\"default\" FORCE=1`.") in markdown
 
 
 def readme_table(readme: Path) -> str:

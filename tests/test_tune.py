@@ -59,6 +59,9 @@ def test_study_runs_trials_as_experiments_continues_and_its_best_is_compared(tmp
     assert table.loc["tuned", "n"] == 2
     assert set(table.loc["tuned", "run_ids"].split()) == {run_.info.run_id for run_ in reruns.values()}
     assert "| tuned (best of 1 trials, chosen on validation) | mlp |" in (project / "reports/comparison.md").read_text()
+    # tuned.yaml is not committed yet: the table marks its re-runs as runs that no commit rebuilds.
+    assert {run_.data.tags["git.dirty"] for run_ in reruns.values()} == {"true"}
+    assert 'then `make sweep SETTINGS="tuned" FORCE=1`.' in (project / "reports/comparison.md").read_text()
     assert "Traceback" not in compare.stderr
 
     again = tune(project, env, "--trials", "2", "--seeds", "0")  # continues: one more trial
