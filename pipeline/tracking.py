@@ -221,7 +221,7 @@ def installed_packages() -> str:
     """The exact installed packages, as requirements text (the numeric environment is in numerics)."""
     from importlib.metadata import distributions
 
-    # Each .metadata parses the package's METADATA file again (.version too): once per package.
+    # Every .metadata (and .version) parses METADATA anew: read once per package.
     return "\n".join(sorted("{Name}=={Version}".format_map(dist.metadata) for dist in distributions())) + "\n"
 
 
