@@ -56,12 +56,18 @@ def test_study_runs_trials_as_experiments_continues_and_its_best_is_compared(tmp
 
     compare = run(project, [sys.executable, "-m", "pipeline.compare", "--force"], env)
     table = pd.read_csv(project / "reports/comparison.csv").set_index("setting")
+    markdown = (project / "reports/comparison.md").read_text()
     assert table.loc["tuned", "n"] == 2
-    assert set(table.loc["tuned", "run_ids"].split()) == {run_.info.run_id for run_ in reruns.values()}
-    assert "| tuned (best of 1 trials, chosen on validation) | mlp |" in (project / "reports/comparison.md").read_text()
-    # tuned.yaml is not committed yet: the table marks its re-runs as runs that no commit rebuilds.
+    assert "| tuned (best of 1 trials, chosen on validation) | mlp |" in markdown
+    # The re-runs are of tuned.yaml before it is committed. Seed 0's config is also the best trial's,
+    # whose run is of committed code: the table takes that one (the same weights); seed 1 has only
+    # its re-run, marked as a run that no commit rebuilds.
     assert {run_.data.tags["git.dirty"] for run_ in reruns.values()} == {"true"}
-    assert 'then `make sweep SETTINGS="tuned" FORCE=1`.' in (project / "reports/comparison.md").read_text()
+    assert trial_run.data.tags["git.dirty"] == "false"
+    assert table.loc["tuned", "run_ids"].split() == [trial_run.info.run_id, reruns["1"].info.run_id]
+    assert table.loc["tuned", "uncommitted_run_ids"] == reruns["1"].info.run_id
+    assert f"`{trial_run.info.run_id[:8]}`, `{reruns['1'].info.run_id[:8]}`† |" in markdown
+    assert 'then `make sweep SETTINGS="tuned" FORCE=1`.' in markdown
     assert "Traceback" not in compare.stderr
 
     again = tune(project, env, "--trials", "2", "--seeds", "0")  # continues: one more trial
