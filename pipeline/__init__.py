@@ -10,6 +10,10 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
+# The environment this process started with, before the defaults below: `make reproduce` runs another
+# commit's stages in it, so that they take that commit's own defaults (an older one left oneDNN to
+# TensorFlow).
+CALLER_ENVIRONMENT = dict(os.environ)
 # TensorFlow's C++ start-up chatter (CUDA probing on a CPU-only machine, oneDNN and CPU feature
 # notes) buries the stage output: quiet by default. TF_CPP_MIN_LOG_LEVEL=0 brings it back.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
@@ -20,6 +24,12 @@ os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
 os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "3")
 os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
 os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")
+# TensorFlow turns its oneDNN kernels on by default only on CPUs with AVX-512 VNNI, BF16 or AMX
+# (https://github.com/tensorflow/tensorflow/releases/tag/v2.9.0) and leaves other x86 CPUs on
+# Eigen's. On an AVX2 CPU oneDNN's convolutions and max-pooling make a CNN epoch about 30% shorter
+# (bench/results.md); the MLP's matrix products take the same time either way. On here, so every
+# x86 machine runs the same family of kernels; TF_ENABLE_ONEDNN_OPTS=0 turns it off.
+os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "1")
 
 
 def project_root() -> Path:

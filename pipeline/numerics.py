@@ -58,6 +58,7 @@ def cpu_fingerprint(cpuinfo: Path = Path("/proc/cpuinfo")) -> dict[str, str]:
 def fingerprint() -> dict[str, str]:
     """The whole numeric environment of this process (imports TensorFlow)."""
     import tensorflow as tf
+    from tensorflow.python.util import _pywrap_util_port  # no public API tells whether oneDNN is on
 
     build = tf.sysconfig.get_build_info()
     gpus = tf.config.list_physical_devices("GPU")
@@ -70,8 +71,8 @@ def fingerprint() -> dict[str, str]:
                                 or os.environ.get("TF_NUM_INTEROP_THREADS") or 0),
         "tensorflow.version": tf.__version__,
         "tensorflow.build": "CUDA" if build.get("is_cuda_build") else "CPU",
-        # On by default on x86-64 Linux since TensorFlow 2.9; TF_ENABLE_ONEDNN_OPTS=0 turns it off.
-        "onednn": "off" if os.environ.get("TF_ENABLE_ONEDNN_OPTS", "1").strip().lower() in ("0", "false") else "on",
+        # TensorFlow's own answer: its default depends on the CPU, and the pipeline sets one (pipeline/__init__.py).
+        "onednn": "on" if _pywrap_util_port.IsMklEnabled() else "off",
         "onednn.max_cpu_isa": os.environ.get("ONEDNN_MAX_CPU_ISA", "none"),
     }
     if gpus:

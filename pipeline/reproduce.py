@@ -26,7 +26,7 @@ import yaml
 from mlflow.exceptions import MlflowException
 from omegaconf import OmegaConf
 
-from pipeline import numerics, tracking
+from pipeline import CALLER_ENVIRONMENT, numerics, tracking
 from pipeline.tracking import git
 from pipeline.config import PARAMS_FILE, recorded_composition
 from pipeline.errors import PipelineError, guard
@@ -87,7 +87,7 @@ def apply_params(worktree: Path, params: dict[str, str]) -> None:
 
 def dvc(worktree: Path, *arguments: str) -> None:
     # The worktree is its own DVC project: DVC_ROOT must not point back at this repository.
-    env = {key: value for key, value in os.environ.items() if key != "DVC_ROOT"}
+    env = {key: value for key, value in CALLER_ENVIRONMENT.items() if key != "DVC_ROOT"}
     result = subprocess.run(["dvc", *arguments], cwd=worktree, env=env)
     if result.returncode != 0:
         raise PipelineError(f"`dvc {' '.join(arguments)}` failed in the worktree (exit {result.returncode})")

@@ -1,5 +1,11 @@
 """The numeric environment: parsed from the CPU's own description, compared key by key in words."""
 
+import os
+import subprocess
+import sys
+
+import pytest
+
 from pipeline.numerics import cpu_fingerprint, differences
 
 CPUINFO = """processor\t: 0
@@ -36,3 +42,16 @@ def test_differences_are_named_in_words():
     ]
     assert differences(here, here) == []
     assert differences({}, {"gpu": "NVIDIA H100"}) == ["GPU: NVIDIA H100 here, none in the reference"]
+
+
+@pytest.mark.parametrize("setting, expected", [(None, "True on"), ("0", "False off")])
+def test_the_pipeline_runs_tensorflow_with_onednn_and_records_what_tensorflow_does(setting, expected):
+    """On by default on every CPU (TensorFlow's own default leaves AVX2 CPUs without it), off when
+    TF_ENABLE_ONEDNN_OPTS=0, and the recorded fingerprint says what TensorFlow actually does."""
+    env = {key: value for key, value in os.environ.items() if key != "TF_ENABLE_ONEDNN_OPTS"}
+    if setting is not None:
+        env["TF_ENABLE_ONEDNN_OPTS"] = setting
+    probe = ("from pipeline import numerics; from tensorflow.python.util import _pywrap_util_port; "
+             "print(_pywrap_util_port.IsMklEnabled(), numerics.fingerprint()['onednn'])")
+    result = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, check=True)
+    assert result.stdout.split("\n")[-2] == expected
