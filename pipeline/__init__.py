@@ -39,8 +39,10 @@ def project_root() -> Path:
     return Path(os.environ.get("DVC_ROOT") or Path(__file__).resolve().parent.parent)
 
 
-# Written to file descriptor 2 while TensorFlow loads, before its log level applies.
-IMPORT_NOTICES = ("All log messages before absl::InitializeLog() is called", "cudart_stub.cc")
+# Written to file descriptor 2 while TensorFlow loads, before its log level applies (oneDNN's
+# is about the setting above, which reports/numerics.json records).
+IMPORT_NOTICES = ("All log messages before absl::InitializeLog() is called", "cudart_stub.cc",
+                  "oneDNN custom operations are on")
 
 
 @contextmanager
