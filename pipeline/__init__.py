@@ -26,8 +26,8 @@ os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
 os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")
 # TensorFlow turns its oneDNN kernels on by default only on CPUs with AVX-512 VNNI, BF16 or AMX
 # (https://github.com/tensorflow/tensorflow/releases/tag/v2.9.0) and leaves other x86 CPUs on
-# Eigen's. On an AVX2 CPU oneDNN's convolutions and max-pooling make a CNN epoch about 30% shorter
-# (bench/results.md); the MLP's matrix products take the same time either way. On here, so every
+# Eigen's. On an AVX2 CPU oneDNN's convolutions and max-pooling make a CNN epoch about half as long
+# (README, Speed); the MLP's matrix products take the same time either way. On here, so every
 # x86 machine runs the same family of kernels; TF_ENABLE_ONEDNN_OPTS=0 turns it off.
 os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "1")
 
