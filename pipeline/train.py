@@ -164,9 +164,10 @@ def train(model_config: MlpConfig | CnnConfig, train_config: TrainConfig) -> Non
     # The data section comes from the manifest: it is what preprocess actually used.
     params = training_params({"data": DataConfig(**manifest["config"]), "model": model_config, "train": train_config})
     run_name, tags = describe_run(model_config, train_config, params, manifest["data_hash"], strategy)
-    # A killed run leaves its last completed epoch here; the same config, data and code resume it.
+    # A killed run leaves its last completed epoch here; the same config, data, code and numeric
+    # environment resume it (epochs from other kernels would make weights that neither one gives).
     checkpoint_dir = CHECKPOINT_ROOT / config_hash({**params, "data.hash": manifest["data_hash"],
-                                                    "code": code_fingerprint()})
+                                                    "code": code_fingerprint(), "numerics": numerics.from_tags(tags)})
 
     # Each update sees batch_size samples per replica; Keras splits every global batch among them.
     global_batch_size = train_config.batch_size * strategy.num_replicas_in_sync

@@ -1,5 +1,5 @@
 """A training killed mid-epoch resumes from its last completed epoch and ends exactly where an
-uninterrupted one does, in one complete MLflow run."""
+uninterrupted one does, in one complete MLflow run; under another numeric environment it starts over."""
 
 import json
 import signal
@@ -82,3 +82,15 @@ def test_killed_training_resumes_to_identical_weights(tmp_path, mnist_url, unint
     history = mlflow.MlflowClient().get_metric_history(final.info.run_id, "val_accuracy")
     assert sorted({point.step for point in history}) == [0, 1]
     assert not list(project.glob(".train-checkpoints/*"))
+
+
+@pytest.mark.slow
+def test_a_training_killed_under_other_kernels_starts_over(tmp_path, mnist_url):
+    project = make_project(tmp_path, SLOW)
+    kill_training_after_first_epoch(project, environment(mnist_url), signal.SIGTERM)
+
+    again = run(project, ["dvc", "repro", "evaluate"], environment(mnist_url, TF_ENABLE_ONEDNN_OPTS="0"))
+    assert "train: resuming" not in again.stderr
+    mlflow.set_tracking_uri(f"sqlite:///{project / 'mlflow.db'}")
+    runs = mlflow.search_runs(experiment_names=["mnist"], output_format="list")
+    assert sorted(tracked.info.status for tracked in runs) == ["FAILED", "FINISHED"]
