@@ -119,7 +119,7 @@ def markdown(summary: pd.DataFrame, per_class: pd.DataFrame) -> str:
         measured = "not run" if row.n == 0 else percent(row.test_accuracy_mean) + (
             f" ± {row.test_accuracy_std:.2%}" if row.n > 1 else "")
         fit = "—" if pd.isna(row.fit_seconds_mean) else f"{row.fit_seconds_mean:.0f} s"
-        runs = ", ".join(f"`{run_id[:8]}`" + (UNCOMMITTED_MARK if run_id in row.uncommitted_run_ids else "")
+        runs = ", ".join(f"`{run_id[:8]}`" + (UNCOMMITTED_MARK if run_id in row.uncommitted_run_ids.split() else "")
                          for run_id in row.run_ids.split())
         learning_rate = f"{float(row.learning_rate):.3g}" if row.learning_rate else ""
         if row.schedule != "constant":

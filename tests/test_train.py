@@ -1,9 +1,10 @@
-"""The train stage's optimizer: Keras's Adam, each update one fused TensorFlow kernel."""
+"""The train stage's fused kernels: Keras's Adam and BatchNormalization, each one TensorFlow kernel."""
 
 import keras
 import numpy as np
+import tensorflow as tf
 
-from pipeline.train import fused_adam
+from pipeline.train import fused_adam, with_fused_batch_normalization
 
 
 def after_adam_steps(optimizer: keras.optimizers.Adam) -> list[np.ndarray]:
@@ -34,3 +35,48 @@ def test_a_model_trained_with_it_saves_a_plain_adam(tmp_path):
     assert type(loaded.optimizer) is keras.optimizers.Adam
     assert "update_step" not in vars(loaded.optimizer)  # Keras's own update, not the fused one
     assert int(loaded.optimizer.iterations.numpy()) == 1
+
+
+def after_a_training_call(fused: bool) -> tuple[list[np.ndarray], set[str]]:
+    """A batch norm layer's output, gradients (input, scale, offset) and moving statistics after one
+    training call on images of 3 channels, and the op types of that call's graph."""
+    layer = keras.layers.BatchNormalization()
+    model = keras.Sequential([keras.Input((5, 5, 3)), layer])
+    if fused:
+        with_fused_batch_normalization(model)
+    images = tf.constant(np.random.default_rng(0).normal(2, 3, size=(8, 5, 5, 3)).astype("float32"))
+    weights = tf.constant(np.random.default_rng(1).normal(size=(8, 5, 5, 3)).astype("float32"))
+
+    @tf.function
+    def training_call(images):
+        with tf.GradientTape() as tape:
+            tape.watch(images)
+            outputs = model(images, training=True)
+            loss = tf.reduce_sum(outputs * weights)  # weighted: the gradient of a plain sum is ~0
+        return [outputs, *tape.gradient(loss, [images, *layer.trainable_variables])]
+
+    values = [tensor.numpy() for tensor in training_call(images)]
+    operations = {operation.type for operation in training_call.get_concrete_function(images).graph.get_operations()}
+    return [*values, layer.moving_mean.numpy(), layer.moving_variance.numpy()], operations
+
+
+def test_fused_batch_normalization_computes_keras_batch_normalization():
+    """The kernel ran (it is in the graph), and output, gradients and moving statistics are Keras's
+    up to float32 rounding; the unbiased variance the kernel returns would be 1/199 off."""
+    (fused, fused_operations), (plain, plain_operations) = after_a_training_call(True), after_a_training_call(False)
+    assert "FusedBatchNormV3" in fused_operations and "FusedBatchNormV3" not in plain_operations
+    assert not np.allclose(plain[-1], 1)  # the moving variance did move
+    for ours, theirs in zip(fused, plain, strict=True):
+        np.testing.assert_allclose(ours, theirs, rtol=1e-4, atol=1e-5)
+
+
+def test_a_model_with_it_saves_plain_batch_normalization(tmp_path):
+    """Inference is Keras's own call, and the saved layer is Keras's: the loaded model predicts the same."""
+    model = with_fused_batch_normalization(keras.Sequential([keras.Input((4, 4, 2)), keras.layers.BatchNormalization()]))
+    model.compile(optimizer="adam", loss="mse")
+    images = np.random.default_rng(0).normal(size=(16, 4, 4, 2)).astype("float32")
+    model.fit(images, images, verbose=0)
+    model.save(tmp_path / "model.keras")
+    loaded = keras.models.load_model(tmp_path / "model.keras", safe_mode=True)
+    assert "call" in vars(model.layers[0]) and "call" not in vars(loaded.layers[0])
+    np.testing.assert_array_equal(loaded.predict(images, verbose=0), model.predict(images, verbose=0))
