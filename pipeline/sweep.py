@@ -38,12 +38,7 @@ def sweep(settings: list[str], seeds: int, jobs: int, devices: list[str], force:
                 print(f"sweep: {name} already tracked as run {existing} (same config and commit); "
                       "skipping (FORCE=1 to retrain)", file=sys.stderr)
                 continue
-            # A finished experiment of the same name would make DVC refuse the new one.
-            subprocess.run(["dvc", "exp", "remove", name], capture_output=True)
-            # --copy-paths: the preset goes along even when git does not track it yet (tuned.yaml).
-            command = ["dvc", "exp", "run", "--queue", "--name", name, "--copy-paths", f"conf/experiment/{setting}.yaml"]
-            command += [argument for override in overrides for argument in ("--set-param", override)]
-            subprocess.run(command + (["--force"] if force else []), check=True)
+            queue_experiment(name, setting, overrides, force)
             queued[name] = hash_
     if not queued:
         print("sweep: nothing to run; `make compare` tabulates the tracked runs", file=sys.stderr)
@@ -75,6 +70,21 @@ def sweep(settings: list[str], seeds: int, jobs: int, devices: list[str], force:
                             "config was logged from uncommitted code (tag git.dirty), which `make reproduce RUN=` "
                             f"cannot rebuild; retrain with `make sweep SETTINGS=\"{settings}\" FORCE=1`")
     print(f"sweep: {len(queued)} experiments tracked; `make compare` tabulates them", file=sys.stderr)
+
+
+def queue_experiment(name: str, setting: str, overrides: list[str], force: bool) -> None:
+    """Queues one experiment: DVC stashes the workspace as it is now, and the experiment runs that."""
+    # A finished experiment of the same name would make DVC refuse the new one.
+    subprocess.run(["dvc", "exp", "remove", name], capture_output=True)
+    command = ["dvc", "exp", "run", "--queue", "--name", name]
+    # DVC's stash holds the files git tracks: a preset git does not track yet (tuned.yaml before it
+    # is committed) goes along with --copy-paths, which copies it when the experiment starts. Only
+    # then: a tracked preset copied at the start would be the file as edited since it was queued.
+    preset = f"conf/experiment/{setting}.yaml"
+    if not tracking.git("ls-files", "--", preset):
+        command += ["--copy-paths", preset]
+    command += [argument for override in overrides for argument in ("--set-param", override)]
+    subprocess.run(command + (["--force"] if force else []), check=True)
 
 
 def start_workers(jobs: int, devices: list[str]) -> None:

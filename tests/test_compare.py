@@ -111,6 +111,27 @@ def test_a_sweep_never_stands_on_a_run_of_uncommitted_code(tmp_path, mnist_url):
             "Commit the code and conf/, then `make sweep SETTINGS=\"default\" FORCE=1`.") in markdown
 
 
+@pytest.mark.slow
+def test_a_queued_experiment_runs_its_preset_as_it_was_queued(tmp_path, mnist_url):
+    """A preset edited after its experiment was queued (say, while the sweep runs) does not reach the
+    experiment: it trains the queued config, and its run is of the committed code."""
+    project = make_project(tmp_path, shrink_conf=True)
+    env = environment(mnist_url)
+    queue = ("from pipeline.sweep import queue_experiment; "
+             "queue_experiment('lr_x10-seed0', 'lr_x10', ['+experiment=lr_x10', 'train.seed=0'], False)")
+    run(project, [sys.executable, "-c", queue], env)
+    preset = project / "conf/experiment/lr_x10.yaml"
+    preset.write_text(preset.read_text().replace("learning_rate: 0.01", "learning_rate: 0.02"))
+
+    run(project, ["dvc", "exp", "run", "--run-all"], env)
+
+    mlflow.set_tracking_uri(f"sqlite:///{project / 'mlflow.db'}")
+    [trained] = mlflow.search_runs(experiment_names=["mnist"], output_format="list")
+    assert trained.info.run_name == "lr_x10-seed0"
+    assert trained.data.params["train.learning_rate"] == "0.01"
+    assert trained.data.tags["git.dirty"] == "false"
+
+
 def readme_table(readme: Path) -> str:
     text = readme.read_text()
     return text[text.index(README_BEGIN) + len(README_BEGIN):text.index(README_END)].strip("\n") + "\n"
