@@ -325,7 +325,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--no-cnn", dest="cnn", action="store_false",
-                        help=f"skip the CNN preset ({CNN_SEEDS} seeds, about 3 minutes each on 2 cores)")
+                        help=f"skip the CNN preset ({CNN_SEEDS} seeds, about 2 minutes each on 2 cores)")
     arguments = parser.parse_args()
     if arguments.repeats < 3:
         parser.error("--repeats must be at least 3 (min and median need them)")
