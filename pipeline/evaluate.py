@@ -40,7 +40,7 @@ def evaluate(config: EvaluateConfig) -> None:
         write_json(staged / METRICS_FILE, metrics)
         write_json(staged / REPORT_FILE, report)
         mlflow.log_metrics({key: value for key, value in metrics.items() if value is not None})
-        tracking.log_dataset("test", test_images, test_labels, read_json(MANIFEST_FILE)["data_hash"])
+        tracking.log_dataset("test", test_images, test_labels, read_json(MANIFEST_FILE))
         tracking.log_artifacts([staged / METRICS_FILE, staged / REPORT_FILE], "evaluation")
     print(f"evaluate: test accuracy {metrics['test_accuracy']:.4f}, loss {metrics['test_loss']:.4f}", file=sys.stderr)
     explain_difference_from_commit(metrics)

@@ -39,10 +39,13 @@ def preprocess(config: DataConfig) -> None:
         images /= np.float32(255.0)  # in place: one float32 copy of the split in memory, not two
         save_array(PREPARED_DIR / f"{split}_images.npy", images)
         save_array(PREPARED_DIR / f"{split}_labels.npy", labels)
-        digest.update(images)  # hashlib reads the arrays' own buffers: no bytes copies
-        digest.update(labels)
+        split_digest = hashlib.sha256()
+        for array in (images, labels):
+            digest.update(array)  # hashlib reads the arrays' own buffers: no bytes copies
+            split_digest.update(array)
         manifest["splits"][split] = {"count": int(len(labels)),
-                                     "label_counts": np.bincount(labels, minlength=NUM_CLASSES).tolist()}
+                                     "label_counts": np.bincount(labels, minlength=NUM_CLASSES).tolist(),
+                                     "sha256": split_digest.hexdigest()}  # the split's MLflow dataset digest
     # One hash of everything the model sees: MLflow runs carry it as lineage.
     manifest["data_hash"] = digest.hexdigest()
     write_json(MANIFEST_FILE, manifest)

@@ -32,6 +32,7 @@ from pipeline.data_io import PREPARED_DIR, RUN_FILE, read_json
 
 DEFAULT_EXPERIMENT = "mnist"
 SERVER_TIMEOUT_SECONDS = 5
+DATASET_DIGEST_CHARS = 16  # of a split's SHA-256 (MLflow's datasets table holds up to 36)
 # MLflow logs a store error with its traceback before raising it; the one line below replaces both.
 logging.getLogger("mlflow.store.db.utils").setLevel(logging.CRITICAL)
 RESULT_INPUTS = ("pipeline", "conf", "dvc.yaml", "requirements.lock")
@@ -280,8 +281,14 @@ def model_run() -> Iterator[mlflow.ActiveRun]:
             yield run
 
 
-def log_dataset(split: str, images, labels, data_hash: str) -> None:
-    """A data split as an MLflow dataset input: what the runs table's Dataset column shows and filters."""
+def log_dataset(split: str, images, labels, manifest: dict) -> None:
+    """A data split as an MLflow dataset input: what the runs table's Dataset column shows and filters.
+
+    Its digest is the split's SHA-256 from preprocess (the manifest), so two runs show the same
+    digest exactly when they saw the same images and labels. MLflow's own digest (from_numpy without
+    `digest=`) hashes only the first 10,000 values, and copies the whole array to get them
+    (compute_numpy_digest in mlflow/data/digest_utils.py): half a second for the training split.
+    """
     import warnings
 
     import numpy as np
@@ -289,8 +296,9 @@ def log_dataset(split: str, images, labels, data_hash: str) -> None:
     with warnings.catch_warnings():  # MLflow 3.17 registers its local-file source twice, and says so
         warnings.filterwarnings("ignore", message="The specified dataset source can be interpreted in multiple ways")
         dataset = mlflow.data.from_numpy(np.asarray(images), targets=np.asarray(labels), name=f"mnist-{split}",
-                                         source=str((PREPARED_DIR / f"{split}_images.npy").resolve()))
-    mlflow.log_input(dataset, context=split, tags={"data.hash": data_hash})
+                                         source=str((PREPARED_DIR / f"{split}_images.npy").resolve()),
+                                         digest=manifest["splits"][split]["sha256"][:DATASET_DIGEST_CHARS])
+    mlflow.log_input(dataset, context=split, tags={"data.hash": manifest["data_hash"]})
 
 
 def log_artifacts(paths: list[Path], artifact_path: str) -> None:

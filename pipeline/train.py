@@ -181,8 +181,8 @@ def train(model_config: MlpConfig | CnnConfig, train_config: TrainConfig) -> Non
     # Logged first, landed after: a training that cannot log its model leaves no model that looks finished.
     with staged_outputs() as staged, tracking.training_run(run_name, params, tags, continue_run_id=interrupted_run) as run:
         write_json(checkpoint_dir / "run.json", {"run_id": run.info.run_id})
-        tracking.log_dataset("train", train_images, train_labels, manifest["data_hash"])
-        tracking.log_dataset("validation", validation_images, validation_labels, manifest["data_hash"])
+        tracking.log_dataset("train", train_images, train_labels, manifest)
+        tracking.log_dataset("validation", validation_images, validation_labels, manifest)
         started = time.perf_counter()
         model.fit(
             training_batches(train_images, train_labels, global_batch_size, train_config.seed,

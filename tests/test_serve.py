@@ -1,6 +1,7 @@
 """From a run to a model people use: served by MLflow's model server, promoted in the registry, and
 its data visible as MLflow datasets."""
 
+import hashlib
 import json
 
 import mlflow
@@ -52,5 +53,10 @@ def test_the_data_splits_are_mlflow_datasets(trained):
     by_context = {next(tag.value for tag in item.tags if tag.key == "mlflow.data.context"): item for item in inputs}
     assert sorted(by_context) == ["test", "train", "validation"]
     for split, item in by_context.items():
-        assert item.dataset.name == f"mnist-{split}" and item.dataset.digest
+        assert item.dataset.name == f"mnist-{split}"
+        # The digest identifies the split's exact content: its images and labels as stage outputs.
+        content = hashlib.sha256()
+        for kind in ("images", "labels"):
+            content.update(np.load(project / f"data/prepared/{split}_{kind}.npy", allow_pickle=False))
+        assert content.hexdigest().startswith(item.dataset.digest) and len(item.dataset.digest) == 16
         assert {tag.key: tag.value for tag in item.tags}["data.hash"] == manifest["data_hash"]
