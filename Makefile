@@ -53,9 +53,10 @@ params: $(INSTALLED)
 	python -m pipeline.config $(OVERRIDES)
 
 ## ui: the MLflow UI over the project's store, on http://$(HOST):$(PORT)
+# (MLflow's usage events off unless MLFLOW_DISABLE_TELEMETRY=false, as pipeline/__init__.py says why)
 ui: $(INSTALLED)
 	@python -m pipeline.tracking runs-url --host $(HOST) --port $(PORT)
-	mlflow ui --backend-store-uri "$${MLFLOW_TRACKING_URI:-sqlite:///$(CURDIR)/mlflow.db}" \
+	MLFLOW_DISABLE_TELEMETRY=$${MLFLOW_DISABLE_TELEMETRY:-true} mlflow ui --backend-store-uri "$${MLFLOW_TRACKING_URI:-sqlite:///$(CURDIR)/mlflow.db}" \
 		--default-artifact-root "$(CURDIR)/mlartifacts" --host $(HOST) --port $(PORT) $(UI_ARGS)
 
 ## server: a team MLflow server with authentication: PostgreSQL store, S3 artifacts proxied by the server

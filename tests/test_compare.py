@@ -174,9 +174,12 @@ def render(url: str, screenshot: Path) -> str:
 def test_ui_shows_the_sweep(tiny_sweep, mlflow_ui, tmp_path):
     _, _, _, _, runs = tiny_sweep
     mlflow_ui, port = mlflow_ui
-    listening = {connection.laddr.ip for connection in psutil.net_connections(kind="tcp")
-                 if connection.status == psutil.CONN_LISTEN and connection.laddr.port == port}
+    listeners = [connection for connection in psutil.net_connections(kind="tcp")
+                 if connection.status == psutil.CONN_LISTEN and connection.laddr.port == port]
+    listening = {connection.laddr.ip for connection in listeners}
     assert listening == {"127.0.0.1"}, f"make ui must listen on loopback only, not {listening}"
+    for connection in listeners:  # nor does it pass the UI's usage events on to MLflow's makers
+        assert psutil.Process(connection.pid).environ().get("MLFLOW_DISABLE_TELEMETRY") == "true"
     experiment = next(iter(runs.values())).info.experiment_id
     screenshots = Path(os.environ.get("SCREENSHOT_DIR", tmp_path))
     screenshots.mkdir(parents=True, exist_ok=True)

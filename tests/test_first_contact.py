@@ -137,3 +137,18 @@ def test_make_ui_link_opens_the_runs_table_sorted_by_test_accuracy(tmp_path, mni
                  environment(mnist_url))
     assert result.stdout.strip() == (f"Training runs: http://127.0.0.1:{port}/#/experiments/1/runs"
                                      "?orderByKey=metrics.%60test_accuracy%60&orderByAsc=false")
+
+
+def test_mlflow_sends_no_usage_events_unless_asked(tmp_path):
+    """MLflow 3 reports usage to its makers by default; no process of the pipeline does, in CI or not."""
+    check = [sys.executable, "-c", "import pipeline, mlflow.telemetry.utils as telemetry; "
+                                   "print(telemetry.is_telemetry_disabled())"]
+    # MLflow itself keeps quiet under CI or pytest (_is_ci_env_or_testing in mlflow/telemetry/utils.py):
+    # without their markers, as on a user's machine.
+    markers = {"PYTEST_CURRENT_TEST", "GITHUB_ACTIONS", "CI", "CIRCLECI", "GITLAB_CI", "JENKINS_URL", "TRAVIS",
+               "TF_BUILD", "BITBUCKET_BUILD_NUMBER", "CODEBUILD_BUILD_ARN", "BUILDKITE", "TEAMCITY_VERSION",
+               "CLOUD_RUN_EXECUTION", "RUNBOT_HOST_URL", "RUNBOT_BUILD_NAME", "RUNBOT_WORKER_ID"}
+    outside_ci = {key: value for key, value in environment("").items() if key not in markers}
+    assert subprocess.run(check, cwd=REPO, env=outside_ci, capture_output=True, text=True).stdout.strip() == "True"
+    asked = {**outside_ci, "MLFLOW_DISABLE_TELEMETRY": "false"}
+    assert subprocess.run(check, cwd=REPO, env=asked, capture_output=True, text=True).stdout.strip() == "False"
