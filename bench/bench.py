@@ -342,7 +342,8 @@ Measured by `make bench` on {date.today().isoformat()}: {machine()}.
 """ + "\n".join(rows) + f"""
 
 Each stage run alone (one process; wall seconds, peaks): {', '.join(f'{stage} {cost.seconds:.1f} s, {cost.resident:.0f} MiB resident, {cost.anonymous:.0f} MiB anonymous' for stage, cost in stages.items())}.
-Peak memory targets: the previous results' peaks plus 5% (measurement noise). Resident: the stage's VmHWM, which\nalso counts library pages mapped from the page cache; anonymous: the most RssAnon seen, sampled every {SAMPLE_SECONDS * 1000:.0f} ms.
+Peak memory targets: the previous results' peaks plus 5% (measurement noise). Resident: the stage's VmHWM, which
+also counts library pages mapped from the page cache; anonymous: the most RssAnon seen, sampled every {SAMPLE_SECONDS * 1000:.0f} ms.
 
 Notes: the bare script fits on all 60,000 training images; the train stage fits on 55,000 and
 evaluates the 5,000-image validation split after each epoch (that is inside its fit time).

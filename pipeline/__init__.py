@@ -19,12 +19,12 @@ CALLER_ENVIRONMENT = dict(os.environ)
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 # MLflow's INFO lines (store migrations, system-metrics threads) likewise: MLFLOW_LOGGING_LEVEL=INFO.
 os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
-# A tracking server that goes away fails the stage in seconds (3 tries, 1-2-4 s apart), not after
-# MLflow's default of 7 retries over minutes; a training resumes from its last epoch afterwards.
 # MLflow 3 sends usage events (which of its APIs ran, versions, an installation id) to its makers by
 # default (https://mlflow.org/docs/latest/community/usage-tracking); nothing here leaves the
 # machine unasked, as with DVC's analytics (.dvc/config). MLFLOW_DISABLE_TELEMETRY=false allows it.
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+# A tracking server that goes away fails the stage in seconds (3 tries, 1-2-4 s apart), not after
+# MLflow's default of 7 retries over minutes; a training resumes from its last epoch afterwards.
 os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "3")
 os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
 os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")
