@@ -13,12 +13,19 @@ HOST ?= 127.0.0.1
 PORT ?= 5000
 # make serve: PORT when given, else 5001, so that the UI and the model server can run side by side.
 SERVE_PORT := $(if $(filter command line environment,$(origin PORT)),$(PORT),5001)
+# The commands' options come from make's command line: `make sweep SEEDS=3` runs `commands.sweep --seeds 3`.
+# Only from the command line: an exported MODEL or FORCE in the shell changes nothing. A variable left
+# unset passes nothing, so each default lives once, in the command (`python -m commands.<name> --help`);
+# FORCE=1 (or yes, true) forces, FORCE=0 does not.
+given = $(if $(filter command line,$(origin $(1))),$($(1)))
+option = $(if $(call given,$(1)),$(2) '$(call given,$(1))')
+flag = $(if $(filter 1 yes true,$(call given,$(1))),$(2))
 
-.PHONY: help run warm cold test test-fast params ui server serve promote sweep tune compare reproduce push pull bench numerics lock clean
+.PHONY: help run warm cold test test-fast lint params ui server serve promote sweep tune compare reproduce push pull bench numerics lock clean
 
 ## help: this list
 help:
-	@sed -n 's/^## //p' $(MAKEFILE_LIST)
+	@sed -n 's/^## //p' $(MAKEFILE_LIST) | sed 's/$$(HOST)/$(HOST)/g; s/$$(PORT)/$(PORT)/g; s/$$(IDLE)/$(IDLE)/g'
 
 ## run: the whole pipeline (`dvc repro`: conf/ composed into params.yaml when it changed, then the five stages)
 run: $(INSTALLED)
@@ -29,11 +36,11 @@ run: $(INSTALLED)
 ##   on 2 cores); same results. It stops after IDLE=30 minutes without a stage, or with `make cold`
 IDLE ?= 30
 warm: $(INSTALLED)
-	python -m pipeline.warm start --idle-minutes $(IDLE)
+	python -m commands.warm start --idle-minutes $(IDLE)
 
 ## cold: stop `make warm`'s process (stages it is running finish)
 cold: $(INSTALLED)
-	python -m pipeline.warm stop
+	python -m commands.warm stop
 
 # Tests run in TEST_WORKERS processes (pytest-xdist; auto: one per core), a module's tests in one of
 # them, so that a module's shared project is built once. TEST_WORKERS=0: one process, in order.
@@ -47,6 +54,11 @@ test: $(INSTALLED)
 ## test-fast: the tests that train nothing end to end (schema, parsers, error lines, CLI checks)
 test-fast: $(INSTALLED)
 	$(PYTEST) -m "not slow" $(PYTEST_ARGS)
+
+## lint: ruff check and ruff format --check (rules in pyproject.toml; `ruff format .` fixes the layout)
+lint: $(INSTALLED)
+	ruff check .
+	ruff format --check .
 
 ## params: compose conf/ (plus OVERRIDES="key=value ...") into params.yaml
 params: $(INSTALLED)
@@ -66,38 +78,43 @@ ui: $(INSTALLED)
 ##   permissions; default ~/.mlflow/mnist-basic-auth.db); AUTH=0 (refused unless HOST is loopback).
 ##   S3 credentials from AWS_* and MLFLOW_S3_ENDPOINT_URL for an S3-compatible service.
 server: $(INSTALLED)
-	python -m pipeline.server --host $(HOST) --port $(PORT)
+	python -m commands.tracking_server --host $(HOST) --port $(PORT) $(call option,BACKEND_STORE_URI,--backend-store-uri) \
+		$(call option,ARTIFACTS_DESTINATION,--artifacts-destination) $(call option,SERVER_NAME,--server-name) \
+		$(call option,AUTH_DATABASE_URI,--auth-database-uri) $(if $(filter 0 no false,$(call given,AUTH)),--no-auth) \
+		$(call option,UI_ARGS,--mlflow-args)
 
 ## serve: MLflow's model server on http://$(HOST):$(SERVE_PORT) (PORT=, default 5001) for RUN=<run id>
 ##   or MODEL=models:/mnist-classifier@champion; default: the latest training run
 serve: $(INSTALLED)
-	python -m pipeline.serve serve --host $(HOST) --port $(SERVE_PORT)
+	python -m commands.model_server serve --host $(HOST) --port $(SERVE_PORT) $(call option,RUN,--run) $(call option,MODEL,--model)
 
 ## promote: register RUN=<run id>'s model as mnist-classifier and move its @champion alias to it
 promote: $(INSTALLED)
-	python -m pipeline.serve promote
+	python -m commands.model_server promote $(call option,RUN,--run)
 
 ## sweep: presets of conf/experiment/ as queued DVC experiments: SETTINGS= (default: the article's four;
 ##   also tuned, cnn), SEEDS=1, JOBS=1; DEVICES=0,1 and FORCE=1 optional
 sweep: $(INSTALLED)
-	python -m pipeline.sweep $(SETTINGS)
+	python -m commands.sweep $(SETTINGS) $(call option,SEEDS,--seeds) $(call option,JOBS,--jobs) \
+		$(call option,DEVICES,--devices) $(call flag,FORCE,--force)
 
 ## tune: an Optuna study (TPE) over conf/search/mlp.yaml (SPACE=): TRIALS=20 finished trials, each a
 ##   DVC experiment and an MLflow run, chosen on validation accuracy, one at a time; then the best
-##   setting is written to conf/experiment/tuned.yaml and re-run with SEEDS=3 seeds for `make compare`.
+##   setting is written to conf/experiment/tuned.yaml and re-run with CONFIRM_SEEDS=3 seeds for `make compare`.
 ##   Run again to continue the study. STUDY_STORAGE=postgresql://... (default sqlite:///optuna.db)
 ##   lets workers on several machines join one study; STUDY= names it (default: the space's name).
 tune: $(INSTALLED)
-	python -m pipeline.tune
+	python -m commands.tune $(call option,SPACE,--space) $(call option,TRIALS,--trials) \
+		$(call option,STUDY_STORAGE,--storage) $(call option,STUDY,--study) $(call option,CONFIRM_SEEDS,--confirm-seeds)
 
 ## compare: regenerate reports/comparison.* and the README table from the tracked MLflow runs
 ##   (refuses to replace them with a table of fewer runs unless FORCE=1)
 compare: $(INSTALLED)
-	python -m pipeline.compare
+	python -m commands.compare $(call flag,FORCE,--force)
 
 ## reproduce: recompute a result and compare (REV=HEAD, a commit or tag, or RUN=<mlflow run id>; TOLERANCE=)
 reproduce: $(INSTALLED)
-	python -m pipeline.reproduce
+	python -m commands.reproduce $(call option,REV,--rev) $(call option,RUN,--run) $(call option,TOLERANCE,--tolerance)
 
 ## push / pull: data and models to / from the DVC remote (default: ./dvc-storage)
 push: $(INSTALLED)
@@ -112,9 +129,9 @@ bench: $(INSTALLED)
 	python bench/bench.py $(BENCH_ARGS)
 
 ## numerics: the default MLP under each numeric environment this machine can emulate (oneDNN on/off,
-##   its ISA capped, thread counts); writes bench/numerics.md. About 10 minutes on 2 cores.
+##   its ISA capped, thread counts); writes bench/numeric_environments.md. About 10 minutes on 2 cores.
 numerics: $(INSTALLED)
-	python bench/numerics.py
+	python bench/numeric_environments.py
 
 ## lock: re-resolve pyproject.toml's ranges into requirements.lock, then requirements-gpu.lock (the same
 ##   plus TensorFlow's CUDA libraries, resolved by pip --dry-run: nothing downloaded); needs the network

@@ -28,17 +28,25 @@ def load(name: str, header: int) -> np.ndarray:
     return np.frombuffer((RAW / name).read_bytes(), dtype=np.uint8, offset=header)
 
 
-x_train = load("train-images-idx3-ubyte", 16).reshape(-1, 784).astype("float32")[:arguments.limit] / 255
-y_train = keras.utils.to_categorical(load("train-labels-idx1-ubyte", 8), 10)[:arguments.limit]
-x_test = load("t10k-images-idx3-ubyte", 16).reshape(-1, 784).astype("float32")[:arguments.limit] / 255
-y_test = keras.utils.to_categorical(load("t10k-labels-idx1-ubyte", 8), 10)[:arguments.limit]
+x_train = load("train-images-idx3-ubyte", 16).reshape(-1, 784).astype("float32")[: arguments.limit] / 255
+y_train = keras.utils.to_categorical(load("train-labels-idx1-ubyte", 8), 10)[: arguments.limit]
+x_test = load("t10k-images-idx3-ubyte", 16).reshape(-1, 784).astype("float32")[: arguments.limit] / 255
+y_test = keras.utils.to_categorical(load("t10k-labels-idx1-ubyte", 8), 10)[: arguments.limit]
 
-model = keras.Sequential([keras.Input(shape=(784,)), keras.layers.Dense(512, activation="relu"),
-                          keras.layers.Dense(10, activation="softmax")])
+model = keras.Sequential(
+    [
+        keras.Input(shape=(784,)),
+        keras.layers.Dense(512, activation="relu"),
+        keras.layers.Dense(10, activation="softmax"),
+    ]
+)
 model.compile(optimizer="adam", loss="categorical_crossentropy", metrics=["accuracy"])
 fit_started = time.perf_counter()
 model.fit(x_train, y_train, epochs=arguments.epochs, batch_size=64, verbose=0)
 fit_seconds = time.perf_counter() - fit_started
 _, test_accuracy = model.evaluate(x_test, y_test, verbose=0)
-print(json.dumps({"fit_seconds": fit_seconds, "total_seconds": time.perf_counter() - started,
-                  "test_accuracy": test_accuracy}))
+print(
+    json.dumps(
+        {"fit_seconds": fit_seconds, "total_seconds": time.perf_counter() - started, "test_accuracy": test_accuracy}
+    )
+)

@@ -27,8 +27,13 @@ STAGES = ["download", "preprocess", "train", "evaluate", "error_analysis"]
 QUICK_OVERRIDES = ["train.epochs=1", "data.limit=2000"]
 QUICK_BARE = ["--epochs", "1", "--limit", "2000"]
 # --force: else DVC's run cache restores the repeats.
-QUICK_EXPERIMENT = ["dvc", "exp", "run", "--force", *(argument for override in QUICK_OVERRIDES
-                                                       for argument in ("-S", override))]
+QUICK_EXPERIMENT = [
+    "dvc",
+    "exp",
+    "run",
+    "--force",
+    *(argument for override in QUICK_OVERRIDES for argument in ("-S", override)),
+]
 CNN_SEEDS = 3
 SAMPLE_SECONDS = 0.01  # how often a stage's anonymous memory is read
 # Runs a module as `python -m` would and writes its peak resident KiB (Linux's VmHWM) to a file at exit.
@@ -65,30 +70,36 @@ def latest_run(project: Path) -> tuple[float, float]:
     import mlflow
 
     mlflow.set_tracking_uri(f"sqlite:///{project / 'mlflow.db'}")
-    run = mlflow.search_runs(experiment_names=["mnist"], output_format="list", max_results=1,
-                             order_by=["attributes.start_time DESC"])[0]
+    run = mlflow.search_runs(
+        experiment_names=["mnist"], output_format="list", max_results=1, order_by=["attributes.start_time DESC"]
+    )[0]
     return run.data.metrics["fit_seconds"], run.data.metrics.get("test_accuracy", float("nan"))
 
 
-def make_project(destination: Path) -> Path:
+def make_bench_project(destination: Path) -> Path:
     """The committed project, as a fresh git + DVC repository."""
     archive = subprocess.run(["git", "archive", "HEAD"], cwd=REPO, capture_output=True, check=True).stdout
     subprocess.run(["tar", "-x", "-C", str(destination)], input=archive, check=True)
-    for command in (["git", "init", "-q"], ["git", "add", "-A"],
-                    ["git", "-c", "user.name=bench", "-c", "user.email=bench@localhost", "commit", "-qm", "bench"]):
+    for command in (
+        ["git", "init", "-q"],
+        ["git", "add", "-A"],
+        ["git", "-c", "user.name=bench", "-c", "user.email=bench@localhost", "commit", "-qm", "bench"],
+    ):
         subprocess.run(command, cwd=destination, check=True)
     return destination
 
 
 def machine() -> str:
     sys.path.insert(0, str(REPO))
-    from pipeline.numerics import fingerprint
+    from pipeline.numerics import numeric_environment
 
-    numeric = fingerprint()
-    return (f"{numeric['cpu.model_name']} ({numeric['cpu.family_model_stepping']}; {numeric['cpu.isa']}), "
-            f"{numeric['cpu.cores']} cores; TensorFlow {numeric['tensorflow.version']} "
-            f"({numeric['tensorflow.build']} build), {'GPU: ' + numeric['gpu'] if 'gpu' in numeric else 'no GPU used'}; "
-            f"Python {platform.python_version()}")
+    numeric = numeric_environment()
+    return (
+        f"{numeric['cpu.model_name']} ({numeric['cpu.family_model_stepping']}; {numeric['cpu.isa']}), "
+        f"{numeric['cpu.cores']} cores; TensorFlow {numeric['tensorflow.version']} "
+        f"({numeric['tensorflow.build']} build), {'GPU: ' + numeric['gpu'] if 'gpu' in numeric else 'no GPU used'}; "
+        f"Python {platform.python_version()}"
+    )
 
 
 def summary(values: list[float]) -> str:
@@ -102,12 +113,32 @@ def bench(repeats: int, cnn: bool) -> None:
     if not env.get("MNIST_MIRROR"):
         shared = REPO.parent / "shared" / "data" / "mnist"
         env["MNIST_MIRROR"] = str(shared) if shared.is_dir() else ""
-    measured = {key: [] for key in ("bare_fit", "bare_total", "bare_accuracy", "stage_fit", "stage_accuracy",
-                                     "fresh_repro", "noop_repro", "tracked_train", "tracked_fit", "untracked_train",
-                                     "quick_experiment", "quick_bare", "import_keras", "import_mlflow",
-                                     "warm_start", "warm_train", "warm_fit", "warm_quick_experiment", "warm_fresh_repro")}
+    measured = {
+        key: []
+        for key in (
+            "bare_fit",
+            "bare_total",
+            "bare_accuracy",
+            "stage_fit",
+            "stage_accuracy",
+            "fresh_repro",
+            "noop_repro",
+            "tracked_train",
+            "tracked_fit",
+            "untracked_train",
+            "quick_experiment",
+            "quick_bare",
+            "import_keras",
+            "import_mlflow",
+            "warm_start",
+            "warm_train",
+            "warm_fit",
+            "warm_quick_experiment",
+            "warm_fresh_repro",
+        )
+    }
     with tempfile.TemporaryDirectory(prefix="bench-") as scratch:
-        project = make_project(Path(scratch))
+        project = make_bench_project(Path(scratch))
         print(f"bench: project copy in {project}; {repeats} interleaved repeats", file=sys.stderr)
         for repeat in range(repeats):
             measure_repeat(project, env, repeat, measured)
@@ -138,24 +169,28 @@ def measure_repeat(project: Path, env: dict, repeat: int, measured: dict) -> Non
     measured["bare_accuracy"].append(bare["test_accuracy"])
     # The quick experiment: all five stages.
     measured["quick_experiment"].append(timed(QUICK_EXPERIMENT, project, env)[0])
-    measured["quick_bare"].append(timed([sys.executable, str(REPO / "bench" / "bare_keras.py"), *QUICK_BARE],
-                                        project, env)[0])
+    measured["quick_bare"].append(
+        timed([sys.executable, str(REPO / "bench" / "bare_keras.py"), *QUICK_BARE], project, env)[0]
+    )
     # The floor under every stage that loads a model or logs to MLflow: a fresh process's imports.
     measured["import_keras"].append(timed([sys.executable, "-c", "import keras, tensorflow"], project, env)[0])
-    measured["import_mlflow"].append(timed([sys.executable, "-c", "import mlflow.store.tracking.sqlalchemy_store"],
-                                           project, env)[0])
+    measured["import_mlflow"].append(
+        timed([sys.executable, "-c", "import mlflow.store.tracking.sqlalchemy_store"], project, env)[0]
+    )
     back_to_committed_setting(project, env)  # the experiment left its params and outputs in the workspace
     measure_warm(project, env, measured)
-    print(f"bench: repeat {repeat + 1}: fresh repro {measured['fresh_repro'][-1]:.1f} s "
-          f"(fit {measured['stage_fit'][-1]:.1f} s), bare {seconds:.1f} s (fit {bare['fit_seconds']:.1f} s), "
-          f"quick experiment {measured['quick_experiment'][-1]:.1f} s; with `make warm`: fresh repro "
-          f"{measured['warm_fresh_repro'][-1]:.1f} s, quick experiment {measured['warm_quick_experiment'][-1]:.1f} s",
-          file=sys.stderr)
+    print(
+        f"bench: repeat {repeat + 1}: fresh repro {measured['fresh_repro'][-1]:.1f} s "
+        f"(fit {measured['stage_fit'][-1]:.1f} s), bare {seconds:.1f} s (fit {bare['fit_seconds']:.1f} s), "
+        f"quick experiment {measured['quick_experiment'][-1]:.1f} s; with `make warm`: fresh repro "
+        f"{measured['warm_fresh_repro'][-1]:.1f} s, quick experiment {measured['warm_quick_experiment'][-1]:.1f} s",
+        file=sys.stderr,
+    )
 
 
 def measure_warm(project: Path, env: dict, measured: dict) -> None:
     """The train stage, the quick experiment and a fresh repro again, with `make warm`'s process up."""
-    measured["warm_start"].append(timed([sys.executable, "-m", "pipeline.warm", "start"], project, env)[0])
+    measured["warm_start"].append(timed([sys.executable, "-m", "commands.warm", "start"], project, env)[0])
     try:
         measured["warm_train"].append(timed([sys.executable, "-m", "pipeline.train"], project, env)[0])
         measured["warm_fit"].append(latest_run(project)[0])
@@ -163,7 +198,7 @@ def measure_warm(project: Path, env: dict, measured: dict) -> None:
         back_to_committed_setting(project, env)
         measured["warm_fresh_repro"].append(timed(["dvc", "repro", "--force"], project, env)[0])
     finally:
-        timed([sys.executable, "-m", "pipeline.warm", "stop"], project, env)
+        timed([sys.executable, "-m", "commands.warm", "stop"], project, env)
 
 
 def measure_stages(project: Path, env: dict, overrides: list[str] = ()) -> dict[str, StageCost]:
@@ -208,8 +243,13 @@ def wall_and_peak_memory(stage: str, cwd: Path, env: dict) -> StageCost:
     """
     with tempfile.NamedTemporaryFile(mode="r") as peak:
         started = time.perf_counter()
-        process = subprocess.Popen([sys.executable, "-c", PEAK_REPORTER, peak.name, f"pipeline.{stage}"], cwd=cwd,
-                                   env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        process = subprocess.Popen(
+            [sys.executable, "-c", PEAK_REPORTER, peak.name, f"pipeline.{stage}"],
+            cwd=cwd,
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
         anonymous = 0
         while process.poll() is None:
             anonymous = max(anonymous, anonymous_kib(process.pid))
@@ -233,8 +273,12 @@ def previous_peaks() -> dict[str, tuple[float, float | None]]:
     """Each stage's (resident, anonymous) peak MiB in the results file this run replaces (none on a
     first run; no anonymous figure in results written before it was measured)."""
     text = RESULTS.read_text() if RESULTS.exists() else ""
-    return {stage: (float(resident), float(anonymous) if anonymous else None) for stage, resident, anonymous
-            in re.findall(r"(\w+) [\d.]+ s, (\d+) MiB(?: resident, (\d+) MiB anonymous)?", text)}
+    return {
+        stage: (float(resident), float(anonymous) if anonymous else None)
+        for stage, resident, anonymous in re.findall(
+            r"(\w+) [\d.]+ s, (\d+) MiB(?: resident, (\d+) MiB anonymous)?", text
+        )
+    }
 
 
 def memory_row(stage: str, cost: StageCost, before: dict) -> str:
@@ -244,10 +288,17 @@ def memory_row(stage: str, cost: StageCost, before: dict) -> str:
     if stage not in before:
         return f"| {figure} | {measured} | - | - |"
     targets = [None if previous is None else round(previous * 1.05) for previous in before[stage]]
-    met = all(value <= target for value, target in zip((cost.resident, cost.anonymous), targets) if target is not None)
-    previous, limits = (" / ".join("-" if value is None else f"{value:.0f}" for value in values)
-                        for values in (before[stage], targets))
-    return f"| {figure} (previous results: {previous} MiB) | {measured} | ≤ {limits} MiB | {'met' if met else 'not met'} |"
+    met = all(
+        value <= target
+        for value, target in zip((cost.resident, cost.anonymous), targets, strict=False)
+        if target is not None
+    )
+    previous, limits = (
+        " / ".join("-" if value is None else f"{value:.0f}" for value in values) for values in (before[stage], targets)
+    )
+    return (
+        f"| {figure} (previous results: {previous} MiB) | {measured} | ≤ {limits} MiB | {'met' if met else 'not met'} |"
+    )
 
 
 def row(figure: str, value: float, shown: str, target: float, at_most: bool = True, unit: str = "") -> str:
@@ -262,51 +313,100 @@ def write_results(measured: dict, stages: dict, quick_stages: dict, cnn_runs: li
     # moved a ratio by half when a shared machine slowed a third of the runs. Accuracies: medians.
     fastest = {key: min(values) for key, values in measured.items()}
     median = {key: statistics.median(values) for key, values in measured.items()}
-    fixed_cost = min(wall - fit for wall, fit in zip(measured["tracked_train"], measured["tracked_fit"]))
-    warm_fixed_cost = min(wall - fit for wall, fit in zip(measured["warm_train"], measured["warm_fit"]))
-    bare_fixed_cost = min(total - fit for total, fit in zip(measured["bare_total"], measured["bare_fit"]))
+    fixed_cost = min(wall - fit for wall, fit in zip(measured["tracked_train"], measured["tracked_fit"], strict=False))
+    warm_fixed_cost = min(wall - fit for wall, fit in zip(measured["warm_train"], measured["warm_fit"], strict=False))
+    bare_fixed_cost = min(total - fit for total, fit in zip(measured["bare_total"], measured["bare_fit"], strict=False))
     accuracy_gap = (median["stage_accuracy"] - median["bare_accuracy"]) * 100
     rows = [
-        row("train-stage fit / bare script fit (MLP, 5 epochs, batch 64, lr 0.001)",
+        row(
+            "train-stage fit / bare script fit (MLP, 5 epochs, batch 64, lr 0.001)",
             fastest["stage_fit"] / fastest["bare_fit"],
             f"{fastest['stage_fit'] / fastest['bare_fit']:.2f} ({summary(measured['stage_fit'])} s vs "
-            f"{summary(measured['bare_fit'])} s)", 0.40),
-        row("test accuracy, train stage minus bare script", abs(accuracy_gap),
-            f"{median['stage_accuracy']:.2%} vs {median['bare_accuracy']:.2%} ({accuracy_gap:+.2f} pp)", 0.3, unit=" pp"),
-        row("train stage whole process / bare script whole process",
+            f"{summary(measured['bare_fit'])} s)",
+            0.40,
+        ),
+        row(
+            "test accuracy, train stage minus bare script",
+            abs(accuracy_gap),
+            f"{median['stage_accuracy']:.2%} vs {median['bare_accuracy']:.2%} ({accuracy_gap:+.2f} pp)",
+            0.3,
+            unit=" pp",
+        ),
+        row(
+            "train stage whole process / bare script whole process",
             fastest["tracked_train"] / fastest["bare_total"],
             f"{fastest['tracked_train'] / fastest['bare_total']:.2f} ({summary(measured['tracked_train'])} s vs "
-            f"{summary(measured['bare_total'])} s)", 0.60),
-        row("fixed cost per training (train stage outside `fit`, tracking on)", fixed_cost,
-            f"{fixed_cost:.1f} s (bare script outside its `fit`: {bare_fixed_cost:.1f} s)", 3, unit=" s"),
-        row("MLflow tracking overhead, train stage on vs off (whole process)",
+            f"{summary(measured['bare_total'])} s)",
+            0.60,
+        ),
+        row(
+            "fixed cost per training (train stage outside `fit`, tracking on)",
+            fixed_cost,
+            f"{fixed_cost:.1f} s (bare script outside its `fit`: {bare_fixed_cost:.1f} s)",
+            3,
+            unit=" s",
+        ),
+        row(
+            "MLflow tracking overhead, train stage on vs off (whole process)",
             (fastest["tracked_train"] / fastest["untracked_train"] - 1) * 100,
             f"{fastest['tracked_train'] / fastest['untracked_train'] - 1:+.1%} ({summary(measured['tracked_train'])} s "
-            f"vs {summary(measured['untracked_train'])} s)", 3, unit="%"),
-        row(f"quick experiment, `dvc exp run --force -S {' -S '.join(QUICK_OVERRIDES)}` (five stages)",
-            fastest["quick_experiment"], f"{summary(measured['quick_experiment'])} s", 10, unit=" s"),
-        row("quick experiment / bare script on the same 2,000 images, one epoch",
+            f"vs {summary(measured['untracked_train'])} s)",
+            3,
+            unit="%",
+        ),
+        row(
+            f"quick experiment, `dvc exp run --force -S {' -S '.join(QUICK_OVERRIDES)}` (five stages)",
+            fastest["quick_experiment"],
+            f"{summary(measured['quick_experiment'])} s",
+            10,
+            unit=" s",
+        ),
+        row(
+            "quick experiment / bare script on the same 2,000 images, one epoch",
             fastest["quick_experiment"] / fastest["quick_bare"],
-            f"{fastest['quick_experiment'] / fastest['quick_bare']:.2f} ({summary(measured['quick_bare'])} s bare)", 2.5),
-        row("fresh `dvc repro --force` of five stages / bare script whole process",
+            f"{fastest['quick_experiment'] / fastest['quick_bare']:.2f} ({summary(measured['quick_bare'])} s bare)",
+            2.5,
+        ),
+        row(
+            "fresh `dvc repro --force` of five stages / bare script whole process",
             fastest["fresh_repro"] / fastest["bare_total"],
-            f"{fastest['fresh_repro'] / fastest['bare_total']:.2f} ({summary(measured['fresh_repro'])} s)", 1.3),
+            f"{fastest['fresh_repro'] / fastest['bare_total']:.2f} ({summary(measured['fresh_repro'])} s)",
+            1.3,
+        ),
         row("no-op `dvc repro`", fastest["noop_repro"], f"{summary(measured['noop_repro'])} s", 2, unit=" s"),
         # The same targets with `make warm` up: the stages run as forks of a process that has imported everything.
-        row("with `make warm`: train stage whole process / bare script whole process",
+        row(
+            "with `make warm`: train stage whole process / bare script whole process",
             fastest["warm_train"] / fastest["bare_total"],
-            f"{fastest['warm_train'] / fastest['bare_total']:.2f} ({summary(measured['warm_train'])} s)", 0.60),
-        row("with `make warm`: fixed cost per training (train stage outside `fit`, tracking on)", warm_fixed_cost,
-            f"{warm_fixed_cost:.1f} s", 3, unit=" s"),
-        row("with `make warm`: quick experiment", fastest["warm_quick_experiment"],
-            f"{summary(measured['warm_quick_experiment'])} s", 10, unit=" s"),
-        row("with `make warm`: quick experiment / bare script on the same 2,000 images",
+            f"{fastest['warm_train'] / fastest['bare_total']:.2f} ({summary(measured['warm_train'])} s)",
+            0.60,
+        ),
+        row(
+            "with `make warm`: fixed cost per training (train stage outside `fit`, tracking on)",
+            warm_fixed_cost,
+            f"{warm_fixed_cost:.1f} s",
+            3,
+            unit=" s",
+        ),
+        row(
+            "with `make warm`: quick experiment",
+            fastest["warm_quick_experiment"],
+            f"{summary(measured['warm_quick_experiment'])} s",
+            10,
+            unit=" s",
+        ),
+        row(
+            "with `make warm`: quick experiment / bare script on the same 2,000 images",
             fastest["warm_quick_experiment"] / fastest["quick_bare"],
-            f"{fastest['warm_quick_experiment'] / fastest['quick_bare']:.2f}", 2.5),
-        row("with `make warm`: fresh `dvc repro --force` / bare script whole process",
+            f"{fastest['warm_quick_experiment'] / fastest['quick_bare']:.2f}",
+            2.5,
+        ),
+        row(
+            "with `make warm`: fresh `dvc repro --force` / bare script whole process",
             fastest["warm_fresh_repro"] / fastest["bare_total"],
             f"{fastest['warm_fresh_repro'] / fastest['bare_total']:.2f} ({summary(measured['warm_fresh_repro'])} s)",
-            1.3),
+            1.3,
+        ),
         f"| `make warm` itself: its start-up, paid once (it stays up until 30 minutes without a stage) "
         f"| {summary(measured['warm_start'])} s | - | - |",
         # No targets: where the time outside the arithmetic goes, measured in the same run.
@@ -316,44 +416,63 @@ def write_results(measured: dict, stages: dict, quick_stages: dict, cnn_runs: li
         f"| {summary(measured['import_mlflow'])} s | - | - |",
         f"| the quick experiment's stages, each run alone | "
         f"{', '.join(f'{stage} {cost.seconds:.1f}' for stage, cost in quick_stages.items())} s "
-        f"(sum {sum(cost.seconds for cost in quick_stages.values()):.1f} s; each stage module in a fresh Python process, as DVC runs it, "
+        f"(sum {sum(cost.seconds for cost in quick_stages.values()):.1f} s; "
+        "each stage module in a fresh Python process, as DVC runs it, "
         f"without DVC's own start-up and the params stage) | - | - |",
     ]
     if cnn_runs:
         accuracies = [accuracy for _, accuracy in cnn_runs]
         cnn_fit = min(fit for fit, _ in cnn_runs)  # the seeds cost the same: the fastest is the least disturbed
         rows += [
-            row(f"CNN preset (`+experiment=cnn`): test accuracy, mean of {len(cnn_runs)} seeds",
+            row(
+                f"CNN preset (`+experiment=cnn`): test accuracy, mean of {len(cnn_runs)} seeds",
                 statistics.mean(accuracies) * 100,
                 f"{statistics.mean(accuracies):.2%} ({', '.join(f'{value:.2%}' for value in accuracies)})",
-                99.5, at_most=False, unit="%"),
-            row("CNN preset fit / default MLP's fit", cnn_fit / fastest["stage_fit"],
-                f"{cnn_fit / fastest['stage_fit']:.1f} ({cnn_fit:.0f} s, the fastest of {len(cnn_runs)} seeds)", 12),
+                99.5,
+                at_most=False,
+                unit="%",
+            ),
+            row(
+                "CNN preset fit / default MLP's fit",
+                cnn_fit / fastest["stage_fit"],
+                f"{cnn_fit / fastest['stage_fit']:.1f} ({cnn_fit:.0f} s, the fastest of {len(cnn_runs)} seeds)",
+                12,
+            ),
         ]
     before = previous_peaks()
     rows += [memory_row(stage, cost, before) for stage, cost in stages.items()]
-    text = f"""# Benchmark results
+    stage_costs = ", ".join(
+        f"{stage} {cost.seconds:.1f} s, {cost.resident:.0f} MiB resident, {cost.anonymous:.0f} MiB anonymous"
+        for stage, cost in stages.items()
+    )
+    text = (
+        f"""# Benchmark results
 
 Measured by `make bench` on {date.today().isoformat()}: {machine()}.
-{repeats} interleaved repeats; seconds as min / median. Ratios of times use the fastest repeat (min), accuracies the median.
+{repeats} interleaved repeats; seconds as min / median. Ratios of times use the fastest repeat (min),
+accuracies the median.
 
 | figure | measured | target | met |
 | --- | --- | --- | --- |
-""" + "\n".join(rows) + f"""
+"""
+        + "\n".join(rows)
+        + f"""
 
-Each stage run alone (one process; wall seconds, peaks): {', '.join(f'{stage} {cost.seconds:.1f} s, {cost.resident:.0f} MiB resident, {cost.anonymous:.0f} MiB anonymous' for stage, cost in stages.items())}.
+Each stage run alone (one process; wall seconds, peaks): {stage_costs}.
 Peak memory targets: the previous results' peaks plus 5% (measurement noise). Resident: the stage's VmHWM, which
-also counts library pages mapped from the page cache; anonymous: the most RssAnon seen, sampled every {SAMPLE_SECONDS * 1000:.0f} ms.
+also counts library pages mapped from the page cache; anonymous: the most RssAnon seen, sampled every
+{SAMPLE_SECONDS * 1000:.0f} ms.
 
 Notes: the bare script fits on all 60,000 training images; the train stage fits on 55,000 and
 evaluates the 5,000-image validation split after each epoch (that is inside its fit time).
 Tracking off is `bench/untracked_train.py`: the same `train()` with every MLflow call a no-op (it
 also skips the history CSV and curves, built from the tracked metrics: an upper bound).
 """
+    )
     RESULTS.write_text(text)
     readme = REPO / "README.md"  # the speed section shows the same table
     begin, end = "<!-- bench:begin -->", "<!-- bench:end -->"
-    table = text[text.index("| figure |"):text.index("\n\n", text.index("| figure |"))]
+    table = text[text.index("| figure |") : text.index("\n\n", text.index("| figure |"))]
     readme.write_text(re.sub(f"{begin}.*?{end}", lambda _: f"{begin}\n{table}\n{end}", readme.read_text(), flags=re.S))
     print(text)
 
@@ -361,8 +480,12 @@ also skips the history CSV and curves, built from the tracked metrics: an upper 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--no-cnn", dest="cnn", action="store_false",
-                        help=f"skip the CNN preset ({CNN_SEEDS} seeds, about 2 minutes each on 2 cores)")
+    parser.add_argument(
+        "--no-cnn",
+        dest="cnn",
+        action="store_false",
+        help=f"skip the CNN preset ({CNN_SEEDS} seeds, about 2 minutes each on 2 cores)",
+    )
     arguments = parser.parse_args()
     if arguments.repeats < 3:
         parser.error("--repeats must be at least 3 (min and median need them)")

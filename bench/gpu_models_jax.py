@@ -48,10 +48,16 @@ def main() -> None:
     test_images = load(folder, "t10k-images-idx3-ubyte").astype(np.float32) / np.float32(255)
     test_labels = load(folder, "t10k-labels-idx1-ubyte")
     keras.utils.set_random_seed(0)
-    model = build_model(SimpleNamespace(name="cnn", filters=filters, convs_per_block=2, dense_units=128,
-                                          dropout=0.25, random_shift=0.0))
-    model.compile(optimizer=keras.optimizers.Adam(LEARNING_RATE), loss="sparse_categorical_crossentropy",
-                  metrics=["accuracy"], steps_per_execution=STEPS_PER_EXECUTION, jit_compile=True)
+    model = build_model(
+        SimpleNamespace(name="cnn", filters=filters, convs_per_block=2, dense_units=128, dropout=0.25, random_shift=0.0)
+    )
+    model.compile(
+        optimizer=keras.optimizers.Adam(LEARNING_RATE),
+        loss="sparse_categorical_crossentropy",
+        metrics=["accuracy"],
+        steps_per_execution=STEPS_PER_EXECUTION,
+        jit_compile=True,
+    )
     device = str(keras.distribution.list_devices()[0])
     trained_seconds, reached = 0.0, None
     for epoch in range(1, EPOCHS + 1):
@@ -62,8 +68,20 @@ def main() -> None:
         print(json.dumps({"epoch": epoch, "trained_seconds": round(trained_seconds, 2), "test_accuracy": accuracy}))
         if reached is None and accuracy >= TARGET:
             reached = {"epoch": epoch, "trained_seconds": round(trained_seconds, 2)}
-    print(json.dumps({"summary": True, "device": device, "filters": filters, "batch_size": BATCH_SIZE, "learning_rate": LEARNING_RATE,
-                      "time_to_99": reached, "backend": keras.backend.backend(), "keras": keras.__version__}))
+    print(
+        json.dumps(
+            {
+                "summary": True,
+                "device": device,
+                "filters": filters,
+                "batch_size": BATCH_SIZE,
+                "learning_rate": LEARNING_RATE,
+                "time_to_99": reached,
+                "backend": keras.backend.backend(),
+                "keras": keras.__version__,
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -15,9 +15,10 @@ import json
 import os
 import re
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any
 
 from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
@@ -28,7 +29,9 @@ PARAMS_FILE = Path("params.yaml")
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 FIX_HINT = "fix it in conf/ and run `dvc repro` (or `dvc exp run -S key=value`)"
 # params.yaml's first line: which conf/ it was composed from, and with which overrides.
-HEADER = "# Composed from conf/ (edit conf/, not this file; see pipeline/config.py): conf {digest}, overrides {overrides}"
+HEADER = (
+    "# Composed from conf/ (edit conf/, not this file; see pipeline/config.py): conf {digest}, overrides {overrides}"
+)
 HEADER_PATTERN = re.compile(r"^# Composed from conf/ .*: conf ([0-9a-f]{16}), overrides (\[.*\])$")
 
 
@@ -54,11 +57,10 @@ class DownloadConfig:
 class DataConfig:
     validation_size: int = MISSING
     split_seed: int = MISSING
-    limit: Optional[int] = MISSING
+    limit: int | None = MISSING
 
     def __post_init__(self) -> None:
-        _check(0 < self.validation_size < 60_000, "data.validation_size", "between 1 and 59999",
-               self.validation_size)
+        _check(0 < self.validation_size < 60_000, "data.validation_size", "between 1 and 59999", self.validation_size)
         _check(self.limit is None or self.limit >= 1, "data.limit", "null or >= 1", self.limit)
 
 
@@ -82,8 +84,12 @@ class CnnConfig:
 
     def __post_init__(self) -> None:
         # Each block halves the 28-pixel image: a fifth would have nothing left to pool.
-        _check(1 <= len(self.filters) <= 4 and min(self.filters) >= 1, "model.filters",
-               "a list of 1 to 4 positive integers (one per block)", self.filters)
+        _check(
+            1 <= len(self.filters) <= 4 and min(self.filters) >= 1,
+            "model.filters",
+            "a list of 1 to 4 positive integers (one per block)",
+            self.filters,
+        )
         _check(self.convs_per_block >= 1, "model.convs_per_block", ">= 1", self.convs_per_block)
         _check(self.dense_units >= 1, "model.dense_units", ">= 1", self.dense_units)
         _check(0 <= self.dropout < 1, "model.dropout", "in [0, 1)", self.dropout)
@@ -109,22 +115,33 @@ class TrainConfig:
     steps_per_execution: int = MISSING
     mixed_precision: bool = MISSING
     distribution: str = MISSING
-    replicas: Optional[int] = MISSING
+    replicas: int | None = MISSING
 
     def __post_init__(self) -> None:
         _check(self.learning_rate > 0, "train.learning_rate", "> 0", self.learning_rate)
         _check(self.batch_size >= 1, "train.batch_size", ">= 1", self.batch_size)
         _check(self.epochs >= 1, "train.epochs", ">= 1", self.epochs)
         _check(self.schedule in SCHEDULES, "train.schedule", f"one of {', '.join(SCHEDULES)}", self.schedule)
-        _check(self.steps_per_execution >= 1, "train.steps_per_execution", ">= 1",
-               self.steps_per_execution)
-        _check(self.distribution in DISTRIBUTIONS, "train.distribution", f"one of {', '.join(DISTRIBUTIONS)}",
-               self.distribution)
-        _check(self.replicas is None or (self.replicas >= 1 and self.distribution == "mirrored"),
-               "train.replicas", "null, or >= 1 with train.distribution=mirrored", self.replicas)
+        _check(self.steps_per_execution >= 1, "train.steps_per_execution", ">= 1", self.steps_per_execution)
+        _check(
+            self.distribution in DISTRIBUTIONS,
+            "train.distribution",
+            f"one of {', '.join(DISTRIBUTIONS)}",
+            self.distribution,
+        )
+        _check(
+            self.replicas is None or (self.replicas >= 1 and self.distribution == "mirrored"),
+            "train.replicas",
+            "null, or >= 1 with train.distribution=mirrored",
+            self.replicas,
+        )
         # Keras 3 fails to run several steps per call under MirroredStrategy (keras-team/keras#19246).
-        _check(self.steps_per_execution == 1 or self.distribution != "mirrored", "train.steps_per_execution",
-               "1 with train.distribution=mirrored (keras-team/keras#19246)", self.steps_per_execution)
+        _check(
+            self.steps_per_execution == 1 or self.distribution != "mirrored",
+            "train.steps_per_execution",
+            "1 with train.distribution=mirrored (keras-team/keras#19246)",
+            self.steps_per_execution,
+        )
 
 
 @dataclass
@@ -142,8 +159,7 @@ class ErrorAnalysisConfig:
 
     def __post_init__(self) -> None:
         _check(self.gallery_size >= 1, "error_analysis.gallery_size", ">= 1", self.gallery_size)
-        _check(self.top_confused_pairs >= 1, "error_analysis.top_confused_pairs", ">= 1",
-               self.top_confused_pairs)
+        _check(self.top_confused_pairs >= 1, "error_analysis.top_confused_pairs", ">= 1", self.top_confused_pairs)
 
 
 SECTIONS = {
@@ -286,9 +302,12 @@ def recorded_composition(params_file: Path = PARAMS_FILE) -> tuple[str, list[str
 
 def changed_values(before: DictConfig | dict, after: DictConfig) -> list[tuple[str, Any, Any]]:
     """(key, value before, value after) for each leaf value that differs."""
+
     def leaves(config, prefix=""):
         if isinstance(config, dict):
-            return {key: value for name, child in config.items() for key, value in leaves(child, f"{prefix}{name}.").items()}
+            return {
+                key: value for name, child in config.items() for key, value in leaves(child, f"{prefix}{name}.").items()
+            }
         return {prefix.rstrip("."): config}
 
     old = leaves(OmegaConf.to_container(before) if isinstance(before, DictConfig) else before)
@@ -312,7 +331,8 @@ def sync(conf_dir: Path = CONF_DIR, params_file: Path = PARAMS_FILE) -> None:
         raise PipelineError(
             f"{params_file} differs from conf/ ({differing}) and does not record how it was composed "
             "(`dvc exp apply` or an edit by hand wrote it); run `make params` to take conf/, or "
-            "`make params OVERRIDES=\"key=value ...\"` to keep other values")
+            '`make params OVERRIDES="key=value ..."` to keep other values'
+        )
     write_params(overrides, conf_dir, params_file)
     with_overrides = f" with {' '.join(overrides)}" if overrides else ""
     described = "; ".join(f"{key}: {old} -> {new}" for key, old, new in changes) or "no value changed"
@@ -321,19 +341,26 @@ def sync(conf_dir: Path = CONF_DIR, params_file: Path = PARAMS_FILE) -> None:
 
 def run_stage(stage: Callable[..., None], *section_names: str) -> None:
     """Entry point of every stage: validate params.yaml, then run the stage under the one error guard."""
+
     def validated_stage() -> None:
         sections = load()
         stage(*(sections[name] for name in section_names))
 
-    interrupted = ("run `dvc repro` again (training resumes from its last completed epoch)" if stage.__name__ == "train"
-                   else "run `dvc repro` again")
+    interrupted = (
+        "run `dvc repro` again (training resumes from its last completed epoch)"
+        if stage.__name__ == "train"
+        else "run `dvc repro` again"
+    )
     guard(stage.__name__.replace("_", "-"), validated_stage, interrupted=interrupted)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description="Compose conf/ into params.yaml.")
-    parser.add_argument("--sync", action="store_true",
-                        help="the `params` stage: recompose only when conf/ changed since params.yaml was composed")
+    parser.add_argument(
+        "--sync",
+        action="store_true",
+        help="the `params` stage: recompose only when conf/ changed since params.yaml was composed",
+    )
     parser.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. train.epochs=10")
     arguments = parser.parse_args()
     if arguments.sync:

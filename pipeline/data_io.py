@@ -11,9 +11,10 @@ import os
 import shutil
 import struct
 import tempfile
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 
@@ -31,6 +32,22 @@ HISTORY_FILE = REPORTS_DIR / "training_history.csv"
 CURVES_FILE = REPORTS_DIR / "training_curves.png"
 
 MANIFEST_FILE = PREPARED_DIR / "manifest.json"
+
+# What shapes a trained model's weights besides params.yaml and data/prepared: the train stage's code
+# (with the defaults its process applies) and the packages it runs on. dvc.yaml's train stage depends
+# on exactly these (tests/test_layout.py checks); the checkpoint key hashes them, a run whose commit
+# differs in them is tagged dirty, and a warm process started under other locks is not used.
+TRAINING_INPUTS = (
+    "pipeline/train.py",
+    "pipeline/__init__.py",
+    "pipeline/runtime.py",
+    "pipeline/models.py",
+    "pipeline/data_io.py",
+    "pipeline/numerics.py",
+    "pipeline/tracking.py",
+    "requirements.lock",
+    "requirements-gpu.lock",
+)
 
 SPLITS = ("train", "validation", "test")
 IMAGE_SHAPE = (28, 28)
@@ -120,8 +137,10 @@ def parse_idx(data: bytes, name: str) -> np.ndarray:
     elif magic == IDX_LABELS_MAGIC:
         shape, header = (count,), 8
     else:
-        raise PipelineError(f"{name}: wrong IDX magic number {magic:#010x}; "
-                            f"expected {IDX_IMAGES_MAGIC:#010x} (images) or {IDX_LABELS_MAGIC:#010x} (labels)")
+        raise PipelineError(
+            f"{name}: wrong IDX magic number {magic:#010x}; "
+            f"expected {IDX_IMAGES_MAGIC:#010x} (images) or {IDX_LABELS_MAGIC:#010x} (labels)"
+        )
     expected_size = header + int(np.prod(shape))
     if len(data) != expected_size:
         raise PipelineError(f"{name}: header says shape {shape} ({expected_size} bytes), file has {len(data)} bytes")

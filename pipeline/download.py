@@ -18,8 +18,8 @@ import zlib
 from pathlib import Path
 
 from pipeline.config import DownloadConfig, run_stage
-from pipeline.errors import PipelineError
 from pipeline.data_io import IDX_FILES, RAW_DIR, atomic_write_bytes
+from pipeline.errors import PipelineError
 
 # Decompressed size and SHA-256 of each file (../shared/data/mnist/README.md, and
 # the checksums every MNIST mirror agrees on).
@@ -63,7 +63,8 @@ def fetch_verified(name: str, mirrors: list[str], timeout_seconds: float) -> byt
             print(f"download: {name} from {mirror} failed ({reason}); trying the next mirror", file=sys.stderr)
     raise PipelineError(
         f"no mirror served a valid {name}; tried: {'; '.join(failures) or 'none configured'}. "
-        "Set MNIST_MIRROR to a directory or URL holding the MNIST IDX files, or fix download.mirrors")
+        "Set MNIST_MIRROR to a directory or URL holding the MNIST IDX files, or fix download.mirrors"
+    )
 
 
 def fetch_from_mirror(name: str, mirror: str, timeout_seconds: float) -> bytes:
@@ -92,8 +93,9 @@ def read_url(url: str, timeout_seconds: float, limit: int) -> bytes:
         total = int(response.headers.get("Content-Length") or 0) or None
         from tqdm import tqdm
 
-        with tqdm(total=total, unit="B", unit_scale=True, desc=Path(url).name, leave=False,
-                  disable=not sys.stderr.isatty()) as progress:
+        with tqdm(
+            total=total, unit="B", unit_scale=True, desc=Path(url).name, leave=False, disable=not sys.stderr.isatty()
+        ) as progress:
             while chunk := response.read(CHUNK_BYTES):
                 buffer += chunk
                 progress.update(len(chunk))
@@ -117,8 +119,10 @@ def verify(name: str, payload: bytes, url: str) -> bytes:
     actual_sha256 = hashlib.sha256(data).hexdigest()
     if actual_sha256 != expected_sha256:
         looks_like = " (it looks like an HTML page, not data)" if data.lstrip()[:1] == b"<" else ""
-        raise PipelineError(f"checksum mismatch{looks_like}: SHA-256 {actual_sha256[:16]}..., "
-                            f"expected {expected_sha256[:16]}... ({len(data)} of {expected_size} bytes)")
+        raise PipelineError(
+            f"checksum mismatch{looks_like}: SHA-256 {actual_sha256[:16]}..., "
+            f"expected {expected_sha256[:16]}... ({len(data)} of {expected_size} bytes)"
+        )
     return data
 
 

@@ -9,16 +9,35 @@ import sys
 
 import mlflow
 import numpy as np
-from sklearn.metrics import accuracy_score, classification_report, log_loss, precision_recall_fscore_support, roc_auc_score
+from sklearn.metrics import (
+    accuracy_score,
+    classification_report,
+    log_loss,
+    precision_recall_fscore_support,
+    roc_auc_score,
+)
 
-from pipeline import numerics, tensorflow_import_notices_hidden, tracking
+from pipeline import numerics, tracking
+from pipeline.runtime import tensorflow_import_notices_hidden
 
 with tensorflow_import_notices_hidden():
     import keras
 from pipeline.config import PARAMS_FILE, EvaluateConfig, run_stage
+from pipeline.data_io import (
+    DIGITS,
+    MANIFEST_FILE,
+    METRICS_FILE,
+    MODEL_FILE,
+    PREDICTIONS_FILE,
+    REPORTS_DIR,
+    load_split,
+    read_json,
+    require,
+    save_array,
+    staged_outputs,
+    write_json,
+)
 from pipeline.errors import PipelineError
-from pipeline.data_io import (DIGITS, MANIFEST_FILE, METRICS_FILE, MODEL_FILE, PREDICTIONS_FILE, REPORTS_DIR, load_split, require, read_json,
-                              save_array, staged_outputs, write_json)
 
 REPORT_FILE = REPORTS_DIR / "classification_report.json"
 
@@ -28,8 +47,9 @@ def evaluate(config: EvaluateConfig) -> None:
     try:
         model = keras.models.load_model(require(MODEL_FILE), compile=False, safe_mode=True)  # predicting only
     except (ValueError, OSError) as error:
-        raise PipelineError(f"cannot load {MODEL_FILE} ({str(error).splitlines()[0]}); "
-                         "retrain it with `dvc repro --force train`") from None
+        raise PipelineError(
+            f"cannot load {MODEL_FILE} ({str(error).splitlines()[0]}); retrain it with `dvc repro --force train`"
+        ) from None
     probabilities = model.predict(test_images, batch_size=config.batch_size, verbose=0).astype(np.float64)
     probabilities /= probabilities.sum(axis=1, keepdims=True)  # float32 softmax sums drift from 1
     metrics, report = score(np.asarray(test_labels), probabilities)
@@ -55,30 +75,44 @@ def explain_difference_from_commit(metrics: dict) -> None:
     import yaml
 
     committed_params, committed_metrics = (tracking.git("show", f"HEAD:{path}") for path in (PARAMS_FILE, METRICS_FILE))
-    if not committed_params or not committed_metrics or yaml.safe_load(committed_params) != yaml.safe_load(
-            PARAMS_FILE.read_text(encoding="utf-8")) or json.loads(committed_metrics) == metrics:
+    if (
+        not committed_params
+        or not committed_metrics
+        or yaml.safe_load(committed_params) != yaml.safe_load(PARAMS_FILE.read_text(encoding="utf-8"))
+        or json.loads(committed_metrics) == metrics
+    ):
         return  # nothing committed to compare with, another configuration, or the same result
     reference = json.loads(tracking.git("show", f"HEAD:{numerics.NUMERICS_FILE}") or "null")
     here = json.loads(numerics.NUMERICS_FILE.read_text()) if numerics.NUMERICS_FILE.exists() else None
-    differing = (numerics.differences(reference, here) if reference and here
-                 else ["the commit records no numeric environment"])
+    differing = (
+        numerics.differences(reference, here) if reference and here else ["the commit records no numeric environment"]
+    )
     committed = json.loads(committed_metrics)
-    moved = ", ".join(f"{key} {metrics[key]:.10g} (committed {committed.get(key, float('nan')):.10g})"
-                      for key in sorted(metrics) if metrics[key] != committed.get(key) and metrics[key] is not None)
+    moved = ", ".join(
+        f"{key} {metrics[key]:.10g} (committed {committed.get(key, float('nan')):.10g})"
+        for key in sorted(metrics)
+        if metrics[key] != committed.get(key) and metrics[key] is not None
+    )
     if differing:
-        print(f"evaluate: note: {moved}: this machine's numeric environment differs from the one that made the "
-              f"committed result ({'; '.join(differing)}), and the same code and config give slightly different "
-              "weights there. `make reproduce REV=HEAD` checks the committed result within its tolerance",
-              file=sys.stderr)
+        print(
+            f"evaluate: note: {moved}: this machine's numeric environment differs from the one that made the "
+            f"committed result ({'; '.join(differing)}), and the same code and config give slightly different "
+            "weights there. `make reproduce REV=HEAD` checks the committed result within its tolerance",
+            file=sys.stderr,
+        )
     else:
-        print(f"evaluate: note: {moved}, with the committed params in the same numeric environment: code, data or "
-              "packages differ from the commit (see `git status` and `dvc status`)", file=sys.stderr)
+        print(
+            f"evaluate: note: {moved}, with the committed params in the same numeric environment: code, data or "
+            "packages differ from the commit (see `git status` and `dvc status`)",
+            file=sys.stderr,
+        )
 
 
 def score(labels: np.ndarray, probabilities: np.ndarray) -> tuple[dict, dict]:
     predictions = probabilities.argmax(axis=1)
     precision, recall, f1, _ = precision_recall_fscore_support(
-        labels, predictions, labels=DIGITS, average="macro", zero_division=0)
+        labels, predictions, labels=DIGITS, average="macro", zero_division=0
+    )
     metrics = {
         "test_accuracy": accuracy_score(labels, predictions),
         "test_loss": log_loss(labels, probabilities, labels=DIGITS),
@@ -87,7 +121,8 @@ def score(labels: np.ndarray, probabilities: np.ndarray) -> tuple[dict, dict]:
         "f1_macro": f1,
         # One-vs-rest needs every digit among the labels; tiny test subsets may lack one.
         "roc_auc_ovr": roc_auc_score(labels, probabilities, multi_class="ovr", labels=DIGITS)
-        if len(np.unique(labels)) == len(DIGITS) else None,
+        if len(np.unique(labels)) == len(DIGITS)
+        else None,
     }
     report = classification_report(labels, predictions, labels=DIGITS, output_dict=True, zero_division=0)
     return {key: (None if value is None else float(value)) for key, value in metrics.items()}, report

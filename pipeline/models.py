@@ -21,12 +21,15 @@ def build_model(config: MlpConfig | CnnConfig) -> keras.Model:
 
 def build_mlp(config: MlpConfig) -> keras.Model:
     """The reference model: Dense 512 relu -> Dense 10 softmax on the flattened image."""
-    return keras.Sequential([
-        keras.Input(shape=IMAGE_SHAPE),
-        layers.Flatten(),
-        layers.Dense(config.hidden_units, activation="relu"),
-        layers.Dense(NUM_CLASSES, activation="softmax", dtype="float32"),
-    ], name="mlp")
+    return keras.Sequential(
+        [
+            keras.Input(shape=IMAGE_SHAPE),
+            layers.Flatten(),
+            layers.Dense(config.hidden_units, activation="relu"),
+            layers.Dense(NUM_CLASSES, activation="softmax", dtype="float32"),
+        ],
+        name="mlp",
+    )
 
 
 def build_cnn(config: CnnConfig) -> keras.Model:

@@ -20,19 +20,47 @@ TAG_PREFIX = "numerics."
 # The CPU features oneDNN and Eigen dispatch on (/proc/cpuinfo names); the rest of the flags
 # (virtualisation, security mitigations) change no arithmetic.
 KERNEL_ISA_FLAGS = (
-    "sse4_1", "sse4_2", "avx", "avx2", "fma", "f16c", "avx_vnni",
-    "avx512f", "avx512dq", "avx512cd", "avx512bw", "avx512vl", "avx512_vnni", "avx512_bf16", "avx512_fp16",
-    "amx_tile", "amx_bf16", "amx_int8",
-    "asimd", "sve", "sve2", "bf16", "i8mm",  # 64-bit Arm
+    "sse4_1",
+    "sse4_2",
+    "avx",
+    "avx2",
+    "fma",
+    "f16c",
+    "avx_vnni",
+    "avx512f",
+    "avx512dq",
+    "avx512cd",
+    "avx512bw",
+    "avx512vl",
+    "avx512_vnni",
+    "avx512_bf16",
+    "avx512_fp16",
+    "amx_tile",
+    "amx_bf16",
+    "amx_int8",
+    "asimd",
+    "sve",
+    "sve2",
+    "bf16",
+    "i8mm",  # 64-bit Arm
 )
 # How each key reads in a message (the keys themselves are what files and tags hold).
 LABELS = {
-    "cpu.vendor": "CPU vendor", "cpu.family_model_stepping": "CPU family/model/stepping",
-    "cpu.model_name": "CPU model", "cpu.isa": "CPU ISA", "cpu.cores": "CPU cores",
-    "threads.intra_op": "TensorFlow intra-op threads", "threads.inter_op": "TensorFlow inter-op threads",
-    "tensorflow.version": "TensorFlow version", "tensorflow.build": "TensorFlow build",
-    "onednn": "oneDNN (TF_ENABLE_ONEDNN_OPTS)", "onednn.max_cpu_isa": "oneDNN ISA cap (ONEDNN_MAX_CPU_ISA)",
-    "gpu": "GPU", "gpu.driver": "GPU driver", "cuda": "CUDA", "cudnn": "cuDNN",
+    "cpu.vendor": "CPU vendor",
+    "cpu.family_model_stepping": "CPU family/model/stepping",
+    "cpu.model_name": "CPU model",
+    "cpu.isa": "CPU ISA",
+    "cpu.cores": "CPU cores",
+    "threads.intra_op": "TensorFlow intra-op threads",
+    "threads.inter_op": "TensorFlow inter-op threads",
+    "tensorflow.version": "TensorFlow version",
+    "tensorflow.build": "TensorFlow build",
+    "onednn": "oneDNN (TF_ENABLE_ONEDNN_OPTS)",
+    "onednn.max_cpu_isa": "oneDNN ISA cap (ONEDNN_MAX_CPU_ISA)",
+    "gpu": "GPU",
+    "gpu.driver": "GPU driver",
+    "cuda": "CUDA",
+    "cudnn": "cuDNN",
 }
 
 
@@ -55,7 +83,7 @@ def cpu_fingerprint(cpuinfo: Path = Path("/proc/cpuinfo")) -> dict[str, str]:
     }
 
 
-def fingerprint() -> dict[str, str]:
+def numeric_environment() -> dict[str, str]:
     """The whole numeric environment of this process (imports TensorFlow)."""
     import tensorflow as tf
     from tensorflow.python.util import _pywrap_util_port  # no public API tells whether oneDNN is on
@@ -65,10 +93,12 @@ def fingerprint() -> dict[str, str]:
     environment = {
         **cpu_fingerprint(),
         # 0 means TensorFlow's default: one thread per usable core.
-        "threads.intra_op": str(tf.config.threading.get_intra_op_parallelism_threads()
-                                or os.environ.get("TF_NUM_INTRAOP_THREADS") or 0),
-        "threads.inter_op": str(tf.config.threading.get_inter_op_parallelism_threads()
-                                or os.environ.get("TF_NUM_INTEROP_THREADS") or 0),
+        "threads.intra_op": str(
+            tf.config.threading.get_intra_op_parallelism_threads() or os.environ.get("TF_NUM_INTRAOP_THREADS") or 0
+        ),
+        "threads.inter_op": str(
+            tf.config.threading.get_inter_op_parallelism_threads() or os.environ.get("TF_NUM_INTEROP_THREADS") or 0
+        ),
         "tensorflow.version": tf.__version__,
         "tensorflow.build": "CUDA" if build.get("is_cuda_build") else "CPU",
         # TensorFlow's own answer: its default depends on the CPU, and the pipeline sets one (pipeline/__init__.py).
@@ -85,8 +115,12 @@ def fingerprint() -> dict[str, str]:
 
 def gpu_driver() -> str:
     try:
-        return subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
-                              capture_output=True, text=True, check=True).stdout.split()[0]
+        return subprocess.run(
+            ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.split()[0]
     except (OSError, subprocess.CalledProcessError, IndexError):
         return "unknown"
 
@@ -96,7 +130,7 @@ def as_tags(environment: dict[str, str]) -> dict[str, str]:
 
 
 def from_tags(tags: dict[str, str]) -> dict[str, str]:
-    return {key[len(TAG_PREFIX):]: value for key, value in tags.items() if key.startswith(TAG_PREFIX)}
+    return {key[len(TAG_PREFIX) :]: value for key, value in tags.items() if key.startswith(TAG_PREFIX)}
 
 
 def differences(reference: dict[str, str], here: dict[str, str]) -> list[str]:

@@ -11,20 +11,33 @@ import sys
 import numpy as np
 
 from pipeline.config import DataConfig, run_stage
+from pipeline.data_io import (
+    IDX_FILES,
+    IMAGE_SHAPE,
+    MANIFEST_FILE,
+    NUM_CLASSES,
+    PREPARED_DIR,
+    RAW_DIR,
+    SPLITS,
+    parse_idx,
+    require,
+    save_array,
+    write_json,
+)
 from pipeline.errors import PipelineError
-from pipeline.data_io import (IDX_FILES, IMAGE_SHAPE, MANIFEST_FILE, NUM_CLASSES, PREPARED_DIR, RAW_DIR, SPLITS, parse_idx,
-                              require, save_array, write_json)
 
 
 def preprocess(config: DataConfig) -> None:
     raw = {key: parse_idx(require(RAW_DIR / name).read_bytes(), name) for key, name in IDX_FILES.items()}
     for images, labels in (("train_images", "train_labels"), ("test_images", "test_labels")):
         if raw[images].shape[0] != raw[labels].shape[0] or raw[images].shape[1:] != IMAGE_SHAPE:
-            raise PipelineError(f"{IDX_FILES[images]} has shape {raw[images].shape} but "
-                                f"{IDX_FILES[labels]} has {raw[labels].shape[0]} labels; expected n x 28 x 28")
+            raise PipelineError(
+                f"{IDX_FILES[images]} has shape {raw[images].shape} but "
+                f"{IDX_FILES[labels]} has {raw[labels].shape[0]} labels; expected n x 28 x 28"
+            )
 
     order = np.random.default_rng(config.split_seed).permutation(raw["train_images"].shape[0])
-    validation_indices, train_indices = order[:config.validation_size], order[config.validation_size:]
+    validation_indices, train_indices = order[: config.validation_size], order[config.validation_size :]
     splits = {
         "train": (raw["train_images"][train_indices], raw["train_labels"][train_indices]),
         "validation": (raw["train_images"][validation_indices], raw["train_labels"][validation_indices]),
@@ -34,7 +47,7 @@ def preprocess(config: DataConfig) -> None:
     digest = hashlib.sha256()
     manifest = {"config": dataclasses.asdict(config), "splits": {}}
     for split in SPLITS:
-        images, labels = (array[:config.limit] for array in splits[split])
+        images, labels = (array[: config.limit] for array in splits[split])
         images = images.astype(np.float32)
         images /= np.float32(255.0)  # in place: one float32 copy of the split in memory, not two
         save_array(PREPARED_DIR / f"{split}_images.npy", images)
@@ -43,9 +56,11 @@ def preprocess(config: DataConfig) -> None:
         for array in (images, labels):
             digest.update(array)  # hashlib reads the arrays' own buffers: no bytes copies
             split_digest.update(array)
-        manifest["splits"][split] = {"count": int(len(labels)),
-                                     "label_counts": np.bincount(labels, minlength=NUM_CLASSES).tolist(),
-                                     "sha256": split_digest.hexdigest()}  # the split's MLflow dataset digest
+        manifest["splits"][split] = {
+            "count": int(len(labels)),
+            "label_counts": np.bincount(labels, minlength=NUM_CLASSES).tolist(),
+            "sha256": split_digest.hexdigest(),
+        }  # the split's MLflow dataset digest
     # One hash of everything the model sees: MLflow runs carry it as lineage.
     manifest["data_hash"] = digest.hexdigest()
     write_json(MANIFEST_FILE, manifest)

@@ -19,26 +19,33 @@ import subprocess
 import sys
 import urllib.error
 import urllib.request
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
-
-import mlflow
-from mlflow.exceptions import MlflowException
+from typing import TYPE_CHECKING
 
 from pipeline import project_root
+from pipeline.data_io import PREPARED_DIR, RUN_FILE, TRAINING_INPUTS, read_json
 from pipeline.errors import PipelineError, guard
-from pipeline.data_io import PREPARED_DIR, RUN_FILE, read_json
+
+if TYPE_CHECKING:
+    import mlflow
 
 DEFAULT_EXPERIMENT = "mnist"
 SERVER_TIMEOUT_SECONDS = 5
 DATASET_DIGEST_CHARS = 16  # of a split's SHA-256 (MLflow's datasets table holds up to 36)
-# MLflow logs a store error with its traceback before raising it; the one line below replaces both.
-logging.getLogger("mlflow.store.db.utils").setLevel(logging.CRITICAL)
-RESULT_INPUTS = ("pipeline", "conf", "dvc.yaml", "requirements.lock")
+# What a run's commit must hold for `make reproduce RUN=` to rebuild it: the stages' code, conf/, the
+# pipeline map and the environment. A run whose commit differs from the workspace in any is tagged dirty.
+RESULT_INPUTS = (
+    "pipeline",
+    "conf",
+    "dvc.yaml",
+    *(path for path in TRAINING_INPUTS if not path.startswith("pipeline/")),
+)
 
 
 def tracking_uri() -> str:
+
     return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{project_root() / 'mlflow.db'}"
 
 
@@ -50,17 +57,25 @@ def is_server(uri: str) -> bool:
 def connect() -> str:
     """Points MLflow at the store after checking it: a server must answer (in seconds, not after
     minutes of retries), a SQLite file must be an MLflow store (MLflow would add its tables to any)."""
+    import mlflow
+
+    # MLflow logs a store error with its traceback before raising it; store_faults' one line replaces both.
+    logging.getLogger("mlflow.store.db.utils").setLevel(logging.CRITICAL)
     uri = tracking_uri()
     if is_server(uri):
         try:
             urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=SERVER_TIMEOUT_SECONDS).close()
         except urllib.error.HTTPError as error:
-            raise PipelineError(f"MLflow tracking server {uri} refused the request (HTTP {error.code} {error.reason}); "
-                                "check the URL, and the credentials or proxy in front of it") from None
+            raise PipelineError(
+                f"MLflow tracking server {uri} refused the request (HTTP {error.code} {error.reason}); "
+                "check the URL, and the credentials or proxy in front of it"
+            ) from None
         except OSError as error:
             reason = getattr(error, "reason", None) or error
-            raise PipelineError(f"MLflow tracking server {uri} does not answer ({reason}); start it "
-                                "(`make server`) or unset MLFLOW_TRACKING_URI to use the local store") from None
+            raise PipelineError(
+                f"MLflow tracking server {uri} does not answer ({reason}); start it "
+                "(`make server`) or unset MLFLOW_TRACKING_URI to use the local store"
+            ) from None
         check_login(uri)
     elif uri.startswith("sqlite:///"):
         path = Path(uri.removeprefix("sqlite:///"))
@@ -73,6 +88,7 @@ def connect() -> str:
 def open_sqlite_store(path: Path, uri: str) -> None:
     """Opens (and on first use creates) the store, one process at a time: MLflow's schema migrations,
     run by two processes at once on a new file (two queue workers, two `make tune` workers), fail."""
+    import mlflow
     from filelock import FileLock
 
     if path.is_dir():
@@ -90,17 +106,23 @@ def check_login(uri: str) -> None:
     if os.environ.get("MLFLOW_TRACKING_TOKEN"):
         request.add_header("Authorization", f"Bearer {os.environ['MLFLOW_TRACKING_TOKEN']}")
     elif username:
-        request.add_header("Authorization", "Basic " + base64.b64encode(f"{username}:{password or ''}".encode()).decode())
+        request.add_header(
+            "Authorization", "Basic " + base64.b64encode(f"{username}:{password or ''}".encode()).decode()
+        )
     try:
         urllib.request.urlopen(request, timeout=SERVER_TIMEOUT_SECONDS).close()
     except urllib.error.HTTPError as error:
         if error.code != 401:
             return  # anything else is for the request that meets it (store_faults)
         if not (username or os.environ.get("MLFLOW_TRACKING_TOKEN")):
-            raise PipelineError(f"MLflow tracking server {uri} requires a login; set MLFLOW_TRACKING_USERNAME and "
-                                "MLFLOW_TRACKING_PASSWORD (or MLFLOW_TRACKING_TOKEN)") from None
-        raise PipelineError(f"MLflow tracking server {uri} rejected the login of MLFLOW_TRACKING_USERNAME={username}; "
-                            "check MLFLOW_TRACKING_PASSWORD (or ask an admin to reset it)") from None
+            raise PipelineError(
+                f"MLflow tracking server {uri} requires a login; set MLFLOW_TRACKING_USERNAME and "
+                "MLFLOW_TRACKING_PASSWORD (or MLFLOW_TRACKING_TOKEN)"
+            ) from None
+        raise PipelineError(
+            f"MLflow tracking server {uri} rejected the login of MLFLOW_TRACKING_USERNAME={username}; "
+            "check MLFLOW_TRACKING_PASSWORD (or ask an admin to reset it)"
+        ) from None
     except OSError:
         return  # it answered /health a moment ago; a failure now is store_faults' to report
 
@@ -117,45 +139,61 @@ def check_sqlite_store(path: Path, uri: str) -> None:
             return  # a writer holds it: store_faults reports it if it stays locked
         raise PipelineError(f"{path} is not an MLflow store (SQLite: {error}); {fix}") from None
     if tables and "experiments" not in tables:
-        raise PipelineError(f"{path} is a SQLite database but not an MLflow store (tables: "
-                            f"{', '.join(sorted(tables)[:5])}); {fix}")
+        raise PipelineError(
+            f"{path} is a SQLite database but not an MLflow store (tables: {', '.join(sorted(tables)[:5])}); {fix}"
+        )
 
 
 def describe_store_fault(error: Exception, uri: str) -> str | None:
     """One line for a store fault the user can fix; None for anything else (a bug keeps its traceback)."""
+    import mlflow
+
     text = " ".join(str(error).split())
     if "database is locked" in text:
-        return (f"the tracking store {uri} stayed locked by another writer (SQLite waited 20 s); let the other "
-                "process finish or stop it (another training? a queue worker?), then run again")
+        return (
+            f"the tracking store {uri} stayed locked by another writer (SQLite waited 20 s); let the other "
+            "process finish or stop it (another training? a queue worker?), then run again"
+        )
     if "file is not a database" in text or "unable to open database file" in text:
         return f"cannot open the tracking store {uri} as an MLflow store ({text[:80]}); check the path and the file"
     if "out-of-date database schema" in text:  # MLflow words a newer store's schema the same way
         found = re.search(r"found version (\w+)", text)
         migrations = Path(mlflow.__file__).parent / "store" / "db_migrations" / "versions"
         if found and not any(migrations.glob(f"{found[1]}_*.py")):
-            return (f"the tracking store {uri} was made by a newer MLflow than this environment's "
-                    f"({mlflow.__version__}, from requirements.lock); use that version, or another store")
-        return (f"the tracking store {uri} was made by an older MLflow; back it up, then upgrade it with "
-                f"`mlflow db upgrade {uri}` (the pipeline never migrates a store itself)")
+            return (
+                f"the tracking store {uri} was made by a newer MLflow than this environment's "
+                f"({mlflow.__version__}, from requirements.lock); use that version, or another store"
+            )
+        return (
+            f"the tracking store {uri} was made by an older MLflow; back it up, then upgrade it with "
+            f"`mlflow db upgrade {uri}` (the pipeline never migrates a store itself)"
+        )
     if "readonly database" in text:
         return f"the tracking store {uri} is read-only; make the file and its folder writable"
     status = re.search(r"error code (\d{3})", text) or re.search(r"\b(40[13]) Client Error", text)
     username = os.environ.get("MLFLOW_TRACKING_USERNAME")
     if status and status[1] == "403" and username:
-        return (f"MLflow tracking server {uri} refused the request (HTTP 403): MLFLOW_TRACKING_USERNAME={username} "
-                "lacks the permission (logging a run needs EDIT on the experiment); ask its manager or an admin")
+        return (
+            f"MLflow tracking server {uri} refused the request (HTTP 403): MLFLOW_TRACKING_USERNAME={username} "
+            "lacks the permission (logging a run needs EDIT on the experiment); ask its manager or an admin"
+        )
     if status and status[1] in ("401", "403"):
-        return (f"MLflow tracking server {uri} refused the request (HTTP {status[1]}); check the credentials "
-                "or the proxy in front of it")
+        return (
+            f"MLflow tracking server {uri} refused the request (HTTP {status[1]}); check the credentials "
+            "or the proxy in front of it"
+        )
     if re.search(r"Max retries exceeded|Connection refused|ConnectionError|Failed to establish", text):
-        return (f"MLflow tracking server {uri} stopped answering ({text[:60]}...); nothing was finished: start it "
-                "again and rerun `dvc repro` (a training resumes from its last completed epoch)")
+        return (
+            f"MLflow tracking server {uri} stopped answering ({text[:60]}...); nothing was finished: start it "
+            "again and rerun `dvc repro` (a training resumes from its last completed epoch)"
+        )
     return None
 
 
 @contextmanager
 def store_faults() -> Iterator[None]:
     """Turns the store faults a user can cause (describe_store_fault) into one PipelineError line."""
+
     try:
         yield
     except Exception as error:  # MlflowException, SQLAlchemy's and requests' errors, as MLflow raises them
@@ -168,13 +206,18 @@ def store_faults() -> Iterator[None]:
 
 
 def experiment_id() -> str:
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
     name = os.environ.get("MLFLOW_EXPERIMENT_NAME", DEFAULT_EXPERIMENT)
     experiment = mlflow.get_experiment_by_name(name)
     if experiment is not None and experiment.lifecycle_stage == "deleted":
         raise PipelineError(
-            f"MLflow experiment {name!r} is deleted in {tracking_uri()}; restore it (`MLFLOW_TRACKING_URI={tracking_uri()} "
+            f"MLflow experiment {name!r} is deleted in {tracking_uri()}; restore it "
+            f"(`MLFLOW_TRACKING_URI={tracking_uri()} "
             f"mlflow experiments restore --experiment-id {experiment.experiment_id}`, or in the UI), or track into "
-            "another experiment with MLFLOW_EXPERIMENT_NAME=<name>")
+            "another experiment with MLFLOW_EXPERIMENT_NAME=<name>"
+        )
     if experiment is not None:
         return experiment.experiment_id
     # A local store keeps artifacts beside mlflow.db; a server chooses (and proxies) its own.
@@ -190,8 +233,10 @@ def git(*arguments: str, check: bool = False) -> str:
     try:
         result = subprocess.run(["git", *arguments], capture_output=True, text=True)
     except FileNotFoundError:
-        raise PipelineError("git is not installed (or not on PATH): the pipeline records each result's "
-                            "commit; install git (e.g. `apt-get install git`)") from None
+        raise PipelineError(
+            "git is not installed (or not on PATH): the pipeline records each result's "
+            "commit; install git (e.g. `apt-get install git`)"
+        ) from None
     if result.returncode != 0 and check:
         reason = (result.stderr.strip().splitlines() or ["failed"])[-1]
         raise PipelineError(f"git {' '.join(arguments)}: {reason}")
@@ -227,13 +272,16 @@ def installed_packages() -> str:
 
 
 @contextmanager
-def training_run(run_name: str, params: dict, tags: dict,
-                 continue_run_id: str | None = None) -> Iterator[mlflow.ActiveRun]:
+def training_run(
+    run_name: str, params: dict, tags: dict, continue_run_id: str | None = None
+) -> Iterator["mlflow.ActiveRun"]:
     """Starts the model's run (with system metrics); the caller records its id in models/run.json.
 
     continue_run_id reopens an interrupted training's run, so a resumed training stays one run.
     On an exception the run is closed as FAILED, never left RUNNING (when the store still answers).
     """
+    import mlflow
+
     with store_faults():
         connect()
         experiment = experiment_id()
@@ -241,20 +289,29 @@ def training_run(run_name: str, params: dict, tags: dict,
         mlflow.set_system_metrics_sampling_interval(1)
         mlflow.set_system_metrics_samples_before_logging(1)
         if continue_run_id and run_state(continue_run_id) != "active":
-            print(f"tracking: the interrupted training's run {continue_run_id} is gone or deleted; "
-                  "continuing in a new run", file=sys.stderr)
+            print(
+                f"tracking: the interrupted training's run {continue_run_id} is gone or deleted; "
+                "continuing in a new run",
+                file=sys.stderr,
+            )
             continue_run_id = None
-        with mlflow.start_run(run_id=continue_run_id, experiment_id=None if continue_run_id else experiment,
-                              run_name=None if continue_run_id else run_name,
-                              tags={**lineage_tags(), "env.python": platform.python_version(), **tags},
-                              log_system_metrics=True) as run:
+        with mlflow.start_run(
+            run_id=continue_run_id,
+            experiment_id=None if continue_run_id else experiment,
+            run_name=None if continue_run_id else run_name,
+            tags={**lineage_tags(), "env.python": platform.python_version(), **tags},
+            log_system_metrics=True,
+        ) as run:
             mlflow.log_params(params)
             mlflow.log_text(installed_packages(), "environment/requirements.txt")
             yield run
 
 
 def run_state(run_id: str) -> str:
-    """"active", "deleted", or "missing" (not in this store)."""
+    """ "active", "deleted", or "missing" (not in this store)."""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
     try:
         return mlflow.get_run(run_id).info.lifecycle_stage
     except MlflowException as error:
@@ -264,19 +321,25 @@ def run_state(run_id: str) -> str:
 
 
 @contextmanager
-def model_run() -> Iterator[mlflow.ActiveRun]:
+def model_run() -> Iterator["mlflow.ActiveRun"]:
     """Reopens the run of the model in models/run.json, for evaluate and error-analysis."""
+    import mlflow
+
     run_id = read_json(RUN_FILE)["run_id"]
     with store_faults():
         uri = connect()
         state = run_state(run_id)
         if state == "missing":
-            raise PipelineError(f"MLflow run {run_id} (from {RUN_FILE}) is not in the store {uri}; point "
-                                "MLFLOW_TRACKING_URI at the store that holds it, or retrain with `dvc repro --force train`")
+            raise PipelineError(
+                f"MLflow run {run_id} (from {RUN_FILE}) is not in the store {uri}; point "
+                "MLFLOW_TRACKING_URI at the store that holds it, or retrain with `dvc repro --force train`"
+            )
         if state == "deleted":
-            raise PipelineError(f"MLflow run {run_id} (from {RUN_FILE}) is deleted in {uri}; restore it "
-                                f"(`MLFLOW_TRACKING_URI={uri} mlflow runs restore --run-id {run_id}`, or in the UI), "
-                                "or retrain into a new run with `dvc repro --force train`")
+            raise PipelineError(
+                f"MLflow run {run_id} (from {RUN_FILE}) is deleted in {uri}; restore it "
+                f"(`MLFLOW_TRACKING_URI={uri} mlflow runs restore --run-id {run_id}`, or in the UI), "
+                "or retrain into a new run with `dvc repro --force train`"
+            )
         with mlflow.start_run(run_id=run_id) as run:
             yield run
 
@@ -291,17 +354,24 @@ def log_dataset(split: str, images, labels, manifest: dict) -> None:
     """
     import warnings
 
+    import mlflow
     import numpy as np
 
     with warnings.catch_warnings():  # MLflow 3.17 registers its local-file source twice, and says so
         warnings.filterwarnings("ignore", message="The specified dataset source can be interpreted in multiple ways")
-        dataset = mlflow.data.from_numpy(np.asarray(images), targets=np.asarray(labels), name=f"mnist-{split}",
-                                         source=str((PREPARED_DIR / f"{split}_images.npy").resolve()),
-                                         digest=manifest["splits"][split]["sha256"][:DATASET_DIGEST_CHARS])
+        dataset = mlflow.data.from_numpy(
+            np.asarray(images),
+            targets=np.asarray(labels),
+            name=f"mnist-{split}",
+            source=str((PREPARED_DIR / f"{split}_images.npy").resolve()),
+            digest=manifest["splits"][split]["sha256"][:DATASET_DIGEST_CHARS],
+        )
     mlflow.log_input(dataset, context=split, tags={"data.hash": manifest["data_hash"]})
 
 
 def log_artifacts(paths: list[Path], artifact_path: str) -> None:
+    import mlflow
+
     for path in paths:
         mlflow.log_artifact(str(path), artifact_path=artifact_path)
     print(f"tracking: logged {len(paths)} artifacts to run {mlflow.active_run().info.run_id}", file=sys.stderr)
@@ -316,13 +386,17 @@ def runs_url(host: str, port: int) -> None:
         try:
             probe.bind((host, port))
         except OSError as error:
-            raise PipelineError(f"cannot serve the UI on {host}:{port} ({error.strerror}); stop what uses the "
-                                f"port (another `make ui`?) or choose another: `make ui PORT={port + 1}`") from None
+            raise PipelineError(
+                f"cannot serve the UI on {host}:{port} ({error.strerror}); stop what uses the "
+                f"port (another `make ui`?) or choose another: `make ui PORT={port + 1}`"
+            ) from None
     connect()
     # MLflow 3 opens an experiment on its GenAI overview; #/experiments/<id>/runs is the runs table,
     # here sorted by test accuracy, best first (the URL carries the sort; columns are chosen in the UI).
-    print(f"Training runs: http://{host}:{port}/#/experiments/{experiment_id()}/runs"
-          "?orderByKey=metrics.%60test_accuracy%60&orderByAsc=false")
+    print(
+        f"Training runs: http://{host}:{port}/#/experiments/{experiment_id()}/runs"
+        "?orderByKey=metrics.%60test_accuracy%60&orderByAsc=false"
+    )
 
 
 if __name__ == "__main__":

@@ -18,19 +18,36 @@ import pandas as pd
 from mlflow.models import ModelSignature
 from mlflow.types import Schema, TensorSpec
 
-from pipeline import project_root, tensorflow_import_notices_hidden
+from pipeline import project_root
+from pipeline.runtime import tensorflow_import_notices_hidden
 
 with tensorflow_import_notices_hidden():
     import keras
     import mlflow.keras
     import tensorflow as tf
 
-from pipeline import data_io, models, numerics, tracking  # noqa: E402
+from pipeline import numerics, tracking  # noqa: E402
 from pipeline.config import CnnConfig, DataConfig, MlpConfig, TrainConfig, config_hash, run_stage, training_params
+from pipeline.data_io import (
+    CURVES_FILE,
+    HISTORY_FILE,
+    IMAGE_SHAPE,
+    MANIFEST_FILE,
+    MODEL_FILE,
+    NUM_CLASSES,
+    RUN_FILE,
+    TRAINING_INPUTS,
+    StagedOutputs,
+    atomic_path,
+    load_split,
+    pyplot,
+    read_json,
+    save_figure,
+    staged_outputs,
+    write_csv,
+    write_json,
+)
 from pipeline.errors import PipelineError
-from pipeline.data_io import (CURVES_FILE, HISTORY_FILE, IMAGE_SHAPE, MANIFEST_FILE, MODEL_FILE, NUM_CLASSES, RUN_FILE,
-                              StagedOutputs, atomic_path, load_split, pyplot, read_json, save_figure, staged_outputs,
-                              write_csv, write_json)
 from pipeline.models import build_model
 
 VALIDATION_BATCH_SIZE = 1024  # evaluation only: changes no update, just the speed
@@ -42,8 +59,9 @@ SIGNATURE = ModelSignature(
 )
 
 
-def training_batches(images: np.ndarray, labels: np.ndarray, batch_size: int, seed: int,
-                     first_epoch: int, epochs: int) -> tf.data.Dataset:
+def training_batches(
+    images: np.ndarray, labels: np.ndarray, batch_size: int, seed: int, first_epoch: int, epochs: int
+) -> tf.data.Dataset:
     """Batches for epochs first_epoch..epochs-1, from in-memory tensors.
 
     Epoch e visits the images in an order fixed by (seed, e) alone, so a run resumed at epoch e
@@ -56,12 +74,17 @@ def training_batches(images: np.ndarray, labels: np.ndarray, batch_size: int, se
     count = int(labels.shape[0])
 
     def epoch_batches(epoch):
-        order = tf.random.experimental.stateless_shuffle(tf.range(count), seed=tf.stack([tf.constant(seed, tf.int64), epoch]))
+        order = tf.random.experimental.stateless_shuffle(
+            tf.range(count), seed=tf.stack([tf.constant(seed, tf.int64), epoch])
+        )
         return tf.data.Dataset.from_tensor_slices(order).batch(batch_size)
 
-    return without_autotuning(tf.data.Dataset.range(first_epoch, epochs).flat_map(epoch_batches)
-                              .map(lambda indices: (tf.gather(images, indices), tf.gather(labels, indices)))
-                              .prefetch(2))
+    return without_autotuning(
+        tf.data.Dataset.range(first_epoch, epochs)
+        .flat_map(epoch_batches)
+        .map(lambda indices: (tf.gather(images, indices), tf.gather(labels, indices)))
+        .prefetch(2)
+    )
 
 
 def without_autotuning(dataset: tf.data.Dataset) -> tf.data.Dataset:
@@ -123,8 +146,9 @@ class EpochLogger(keras.callbacks.Callback):
 
     def on_epoch_end(self, epoch, logs=None):
         seconds = time.perf_counter() - self.started
-        mlflow.log_metrics({**logs, "epoch_seconds": seconds,
-                            "samples_per_second": self.samples_per_epoch / seconds}, step=epoch)
+        mlflow.log_metrics(
+            {**logs, "epoch_seconds": seconds, "samples_per_second": self.samples_per_epoch / seconds}, step=epoch
+        )
 
 
 def distribution_strategy(config: TrainConfig) -> tf.distribute.Strategy:
@@ -135,8 +159,10 @@ def distribution_strategy(config: TrainConfig) -> tf.distribute.Strategy:
     if gpus:
         replicas = config.replicas or len(gpus)
         if replicas > len(gpus):
-            raise PipelineError(f"train.replicas={replicas} but {len(gpus)} GPU(s) are visible; "
-                                "lower train.replicas or set it to null (every visible GPU)")
+            raise PipelineError(
+                f"train.replicas={replicas} but {len(gpus)} GPU(s) are visible; "
+                "lower train.replicas or set it to null (every visible GPU)"
+            )
         return tf.distribute.MirroredStrategy([f"/gpu:{index}" for index in range(replicas)])
     # No GPU: split the CPU into logical devices (must happen before TensorFlow initialises them).
     replicas = config.replicas or 1
@@ -152,8 +178,9 @@ def steps_per_call(steps_per_epoch: int, steps_per_execution: int) -> int:
     would carry its steps into the next epoch, shifting every validation, checkpoint and logged
     epoch off the data's epoch boundaries. A divisor runs the same updates on the same batches.
     """
-    return max(steps for steps in range(1, min(steps_per_execution, steps_per_epoch) + 1)
-               if steps_per_epoch % steps == 0)
+    return max(
+        steps for steps in range(1, min(steps_per_execution, steps_per_epoch) + 1) if steps_per_epoch % steps == 0
+    )
 
 
 def train(model_config: MlpConfig | CnnConfig, train_config: TrainConfig) -> None:
@@ -166,8 +193,9 @@ def train(model_config: MlpConfig | CnnConfig, train_config: TrainConfig) -> Non
     run_name, tags = describe_run(model_config, train_config, params, manifest["data_hash"], strategy)
     # A killed run leaves its last completed epoch here; the same config, data, code and numeric
     # environment resume it (epochs from other kernels would make weights that neither one gives).
-    checkpoint_dir = CHECKPOINT_ROOT / config_hash({**params, "data.hash": manifest["data_hash"],
-                                                    "code": code_fingerprint(), "numerics": numerics.from_tags(tags)})
+    checkpoint_dir = CHECKPOINT_ROOT / config_hash(
+        {**params, "data.hash": manifest["data_hash"], "code": code_fingerprint(), "numerics": numerics.from_tags(tags)}
+    )
 
     # Each update sees batch_size samples per replica; Keras splits every global batch among them.
     global_batch_size = train_config.batch_size * strategy.num_replicas_in_sync
@@ -179,19 +207,26 @@ def train(model_config: MlpConfig | CnnConfig, train_config: TrainConfig) -> Non
         print(f"train: resuming after epoch {first_epoch} from {checkpoint_dir}", file=sys.stderr)
 
     # Logged first, landed after: a training that cannot log its model leaves no model that looks finished.
-    with staged_outputs() as staged, tracking.training_run(run_name, params, tags, continue_run_id=interrupted_run) as run:
+    with (
+        staged_outputs() as staged,
+        tracking.training_run(run_name, params, tags, continue_run_id=interrupted_run) as run,
+    ):
         write_json(checkpoint_dir / "run.json", {"run_id": run.info.run_id})
         tracking.log_dataset("train", train_images, train_labels, manifest)
         tracking.log_dataset("validation", validation_images, validation_labels, manifest)
         started = time.perf_counter()
         model.fit(
-            training_batches(train_images, train_labels, global_batch_size, train_config.seed,
-                             first_epoch, train_config.epochs),
+            training_batches(
+                train_images, train_labels, global_batch_size, train_config.seed, first_epoch, train_config.epochs
+            ),
             steps_per_epoch=steps_per_epoch,
             initial_epoch=first_epoch,
             epochs=train_config.epochs,
-            validation_data=without_autotuning(tf.data.Dataset.from_tensor_slices(
-                (np.asarray(validation_images), np.asarray(validation_labels))).batch(VALIDATION_BATCH_SIZE)),
+            validation_data=without_autotuning(
+                tf.data.Dataset.from_tensor_slices(
+                    (np.asarray(validation_images), np.asarray(validation_labels))
+                ).batch(VALIDATION_BATCH_SIZE)
+            ),
             # Log first: after a death between the two, the epoch is redone and re-logged, not lost.
             callbacks=[EpochLogger(len(train_labels)), EpochCheckpoint(checkpoint_dir)],
             shuffle=False,  # training_batches shuffles, per epoch, in a resumable order
@@ -214,13 +249,21 @@ def set_up(config: TrainConfig) -> tf.distribute.Strategy:
     if config.mixed_precision:
         keras.mixed_precision.set_global_policy("mixed_float16")
     gpus = tf.config.list_physical_devices("GPU")
-    print(f"train: on {len(gpus)} GPU(s), {strategy.num_replicas_in_sync} replica(s)" if gpus else
-          f"train: on the CPU ({os.cpu_count()} cores; TensorFlow sees no GPU)", file=sys.stderr)
+    print(
+        f"train: on {len(gpus)} GPU(s), {strategy.num_replicas_in_sync} replica(s)"
+        if gpus
+        else f"train: on the CPU ({os.cpu_count()} cores; TensorFlow sees no GPU)",
+        file=sys.stderr,
+    )
     return strategy
 
 
-def build_compiled_model(model_config: MlpConfig | CnnConfig, train_config: TrainConfig, strategy: tf.distribute.Strategy,
-                         steps_per_epoch: int) -> keras.Model:
+def build_compiled_model(
+    model_config: MlpConfig | CnnConfig,
+    train_config: TrainConfig,
+    strategy: tf.distribute.Strategy,
+    steps_per_epoch: int,
+) -> keras.Model:
     # No XLA (jit_compile): Keras turns it off while op determinism is on (model_supports_jit in
     # keras/src/trainers/trainer.py), and bit-identical weights matter more here than its speed.
     with strategy.scope():  # variables are mirrored on every replica
@@ -256,12 +299,17 @@ def fused_adam_update(optimizer: keras.optimizers.Adam, gradient, variable, lear
     step = keras.ops.cast(optimizer.iterations + 1, dtype)
     index = optimizer._get_variable_index(variable)  # as Adam.update_step finds its moments
     tf.raw_ops.ResourceApplyAdam(
-        var=variable.handle, m=optimizer._momentums[index].handle, v=optimizer._velocities[index].handle,
+        var=variable.handle,
+        m=optimizer._momentums[index].handle,
+        v=optimizer._velocities[index].handle,
         beta1_power=keras.ops.power(keras.ops.cast(optimizer.beta_1, dtype), step),
         beta2_power=keras.ops.power(keras.ops.cast(optimizer.beta_2, dtype), step),
-        lr=keras.ops.cast(learning_rate, dtype), beta1=keras.ops.cast(optimizer.beta_1, dtype),
-        beta2=keras.ops.cast(optimizer.beta_2, dtype), epsilon=keras.ops.cast(optimizer.epsilon, dtype),
-        grad=keras.ops.cast(gradient, dtype))
+        lr=keras.ops.cast(learning_rate, dtype),
+        beta1=keras.ops.cast(optimizer.beta_1, dtype),
+        beta2=keras.ops.cast(optimizer.beta_2, dtype),
+        epsilon=keras.ops.cast(optimizer.epsilon, dtype),
+        grad=keras.ops.cast(gradient, dtype),
+    )
 
 
 def with_fused_batch_normalization(model: keras.Model) -> keras.Model:
@@ -286,13 +334,20 @@ def fused_batch_normalization_call(layer: keras.layers.BatchNormalization, input
     if not (training and layer.trainable) or mask is not None or inputs.ndim != 4 or layer.axis not in (-1, 3):
         return keras.layers.BatchNormalization.call(layer, inputs, training=training, mask=mask)
     outputs, mean, variance, *_ = tf.raw_ops.FusedBatchNormV3(
-        x=tf.cast(inputs, "float32"), scale=layer.gamma, offset=layer.beta, mean=tf.zeros([0]), variance=tf.zeros([0]),
-        epsilon=layer.epsilon, is_training=True)
+        x=tf.cast(inputs, "float32"),
+        scale=layer.gamma,
+        offset=layer.beta,
+        mean=tf.zeros([0]),
+        variance=tf.zeros([0]),
+        epsilon=layer.epsilon,
+        is_training=True,
+    )
     # The kernel returns the unbiased variance (over n - 1); Keras averages the biased one (over n).
     count = tf.cast(tf.size(inputs) // tf.shape(inputs)[-1], "float32")
     layer.moving_mean.assign(layer.moving_mean * layer.momentum + mean * (1 - layer.momentum))
-    layer.moving_variance.assign(layer.moving_variance * layer.momentum
-                                 + variance * (count - 1) / count * (1 - layer.momentum))
+    layer.moving_variance.assign(
+        layer.moving_variance * layer.momentum + variance * (count - 1) / count * (1 - layer.momentum)
+    )
     return tf.cast(outputs, layer.compute_dtype)
 
 
@@ -306,8 +361,11 @@ def learning_rate(config: TrainConfig, steps_per_epoch: int) -> float | keras.op
         return config.learning_rate
     warmup_steps = steps_per_epoch // 2
     return keras.optimizers.schedules.CosineDecay(
-        initial_learning_rate=config.learning_rate / 10, warmup_target=config.learning_rate, warmup_steps=warmup_steps,
-        decay_steps=steps_per_epoch * config.epochs - warmup_steps)
+        initial_learning_rate=config.learning_rate / 10,
+        warmup_target=config.learning_rate,
+        warmup_steps=warmup_steps,
+        decay_steps=steps_per_epoch * config.epochs - warmup_steps,
+    )
 
 
 def save_and_log_model(model: keras.Model, tags: dict[str, str], staged: StagedOutputs) -> None:
@@ -316,12 +374,21 @@ def save_and_log_model(model: keras.Model, tags: dict[str, str], staged: StagedO
         model.save(temporary)
     write_json(staged / numerics.NUMERICS_FILE, numerics.from_tags(tags))
     # Explicit requirements: inferring them costs seconds and adds nothing here.
-    mlflow.keras.log_model(model, name="model", signature=SIGNATURE,
-                           pip_requirements=[f"tensorflow=={tf.__version__}", f"keras=={keras.__version__}"])
+    mlflow.keras.log_model(
+        model,
+        name="model",
+        signature=SIGNATURE,
+        pip_requirements=[f"tensorflow=={tf.__version__}", f"keras=={keras.__version__}"],
+    )
 
 
-def describe_run(model_config: MlpConfig | CnnConfig, train_config: TrainConfig, params: dict,
-                 data_hash: str, strategy: tf.distribute.Strategy) -> tuple[str, dict[str, str]]:
+def describe_run(
+    model_config: MlpConfig | CnnConfig,
+    train_config: TrainConfig,
+    params: dict,
+    data_hash: str,
+    strategy: tf.distribute.Strategy,
+) -> tuple[str, dict[str, str]]:
     """The run's name and its tags: what it was trained on, with what, and where."""
     gpus = tf.config.list_physical_devices("GPU")
     tags = {
@@ -333,35 +400,46 @@ def describe_run(model_config: MlpConfig | CnnConfig, train_config: TrainConfig,
         "tensorflow.device": "GPU" if gpus else "CPU",
         "train.replicas_in_sync": str(strategy.num_replicas_in_sync),
         # What decides the weights' last bits (CPU ISA, threads, oneDNN, GPU): `make reproduce` reads it.
-        **numerics.as_tags(numerics.fingerprint()),
+        **numerics.as_tags(numerics.numeric_environment()),
     }
     if "CUDA_VISIBLE_DEVICES" in os.environ:  # set per queue worker by `make sweep`
         tags["env.cuda_visible_devices"] = os.environ["CUDA_VISIBLE_DEVICES"]
     # Set by `make sweep` and `make tune` for the experiments they run.
-    for variable, tag in (("PIPELINE_SWEEP", "sweep"), ("PIPELINE_STUDY", "tune.study"), ("PIPELINE_TRIAL", "tune.trial")):
+    for variable, tag in (
+        ("PIPELINE_SWEEP", "sweep"),
+        ("PIPELINE_STUDY", "tune.study"),
+        ("PIPELINE_TRIAL", "tune.trial"),
+    ):
         if os.environ.get(variable):
             tags[tag] = os.environ[variable]
     # A DVC experiment's name (`make sweep` names them `lr_x10-seed0`) is the readable choice.
     run_name = os.environ.get("DVC_EXP_NAME") or (
         f"{model_config.name}-lr{train_config.learning_rate:g}-bs{train_config.batch_size}"
-        f"-ep{train_config.epochs}-seed{train_config.seed}")
+        f"-ep{train_config.epochs}-seed{train_config.seed}"
+    )
     return run_name, tags
 
 
 def code_fingerprint() -> str:
-    """What else decides the weights: the code that shapes them and the exact packages."""
-    files = [Path(module.__file__) for module in (sys.modules[__name__], models, data_io)]
-    files += [project_root() / lock for lock in ("requirements.lock", "requirements-gpu.lock")]
+    """What else decides the weights: the code that shapes them and the exact packages (TRAINING_INPUTS)."""
+    files = [project_root() / path for path in TRAINING_INPUTS]
     return hashlib.sha256(b"".join(path.read_bytes() for path in files if path.exists())).hexdigest()
 
 
 def write_history(run_id: str, history_file: Path, curves_file: Path) -> None:
     client = mlflow.MlflowClient()
-    table = pd.DataFrame({
-        # A re-done epoch is logged twice with the same values: keep one point per step.
-        metric: {point.step + 1: point.value for point in client.get_metric_history(run_id, metric)}
-        for metric in ("loss", "accuracy", "val_loss", "val_accuracy")
-    }).sort_index().rename_axis("epoch").reset_index()
+    table = (
+        pd.DataFrame(
+            {
+                # A re-done epoch is logged twice with the same values: keep one point per step.
+                metric: {point.step + 1: point.value for point in client.get_metric_history(run_id, metric)}
+                for metric in ("loss", "accuracy", "val_loss", "val_accuracy")
+            }
+        )
+        .sort_index()
+        .rename_axis("epoch")
+        .reset_index()
+    )
     write_csv(history_file, table)
 
     from matplotlib.ticker import MaxNLocator

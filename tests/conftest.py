@@ -1,18 +1,29 @@
 """Shared fixtures: MNIST served over HTTP on 127.0.0.1, one tiny pipeline run to inspect, PostgreSQL."""
 
 import functools
+import http.server
 import json
 import shutil
 import subprocess
 import tempfile
-import http.server
 import threading
 from pathlib import Path
 
 import pytest
 from filelock import FileLock
 
-from tests.helpers import POSTGRES_BIN, QuietHandler, SECRET, copy_project, environment, free_port, make_project, mnist_source, run
+from tests.helpers import (
+    POSTGRES_BIN,
+    SECRET,
+    QuietHandler,
+    copy_project,
+    environment,
+    free_port,
+    make_project,
+    mnist_source,
+    run,
+)
+
 
 @pytest.fixture(scope="session")
 def serve_directory():
@@ -74,16 +85,36 @@ def postgres():
     shutil.chown(directory, "postgres")
     port = free_port()
     as_postgres = ["runuser", "-u", "postgres", "--"]
-    subprocess.run([*as_postgres, binaries / "initdb", "-D", directory / "data", "--auth=trust", "-U", "postgres"],
-                   check=True, capture_output=True)
-    subprocess.run([*as_postgres, binaries / "pg_ctl", "-D", directory / "data", "-l", directory / "log", "-w",
-                    "-o", f"-p {port} -k {directory} -c listen_addresses=127.0.0.1", "start"],
-                   check=True, capture_output=True)
+    subprocess.run(
+        [*as_postgres, binaries / "initdb", "-D", directory / "data", "--auth=trust", "-U", "postgres"],
+        check=True,
+        capture_output=True,
+    )
+    subprocess.run(
+        [
+            *as_postgres,
+            binaries / "pg_ctl",
+            "-D",
+            directory / "data",
+            "-l",
+            directory / "log",
+            "-w",
+            "-o",
+            f"-p {port} -k {directory} -c listen_addresses=127.0.0.1",
+            "start",
+        ],
+        check=True,
+        capture_output=True,
+    )
     try:
-        subprocess.run([*as_postgres, binaries / "createdb", "-h", "127.0.0.1", "-p", str(port), "mlflow"],
-                       check=True, capture_output=True)
+        subprocess.run(
+            [*as_postgres, binaries / "createdb", "-h", "127.0.0.1", "-p", str(port), "mlflow"],
+            check=True,
+            capture_output=True,
+        )
         yield f"postgresql://postgres@127.0.0.1:{port}/mlflow"
     finally:
-        subprocess.run([*as_postgres, binaries / "pg_ctl", "-D", directory / "data", "-m", "fast", "stop"],
-                       capture_output=True)
+        subprocess.run(
+            [*as_postgres, binaries / "pg_ctl", "-D", directory / "data", "-m", "fast", "stop"], capture_output=True
+        )
         shutil.rmtree(directory, ignore_errors=True)

@@ -6,8 +6,8 @@ composed from the real conf/ and shrunk (a few hundred images, one epoch).
 
 import functools
 import glob
-import json
 import http.server
+import json
 import os
 import shutil
 import signal
@@ -27,8 +27,9 @@ from pipeline.config import write_params
 
 REPO = Path(__file__).resolve().parent.parent
 POSTGRES_BIN = sorted(glob.glob("/usr/lib/postgresql/*/bin"))
-NEEDS_POSTGRES = pytest.mark.skipif(not POSTGRES_BIN or not shutil.which("runuser"),
-                                    reason="Debian's postgresql is not installed (.ci/run installs it)")
+NEEDS_POSTGRES = pytest.mark.skipif(
+    not POSTGRES_BIN or not shutil.which("runuser"), reason="Debian's postgresql is not installed (.ci/run installs it)"
+)
 TINY = ["data.limit=300", "train.epochs=1"]
 SECRET = "s3cr3t-token-that-must-never-be-logged"
 
@@ -40,8 +41,10 @@ def mnist_source() -> Path:
     for candidate in candidates:
         if candidate and Path(candidate).is_dir():
             return Path(candidate)
-    pytest.fail("MNIST files not found: set MNIST_MIRROR to a folder holding the four "
-                "*-ubyte.gz files (e.g. ../shared/data/mnist)")
+    pytest.fail(
+        "MNIST files not found: set MNIST_MIRROR to a folder holding the four "
+        "*-ubyte.gz files (e.g. ../shared/data/mnist)"
+    )
 
 
 class QuietHandler(http.server.SimpleHTTPRequestHandler):
@@ -50,9 +53,36 @@ class QuietHandler(http.server.SimpleHTTPRequestHandler):
 
 
 def project_files() -> list[str]:
-    listed = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard", "-z"],
-                            cwd=REPO, capture_output=True, text=True, check=True).stdout
+    listed = subprocess.run(
+        ["git", "ls-files", "--cached", "--others", "--exclude-standard", "-z"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
     return [name for name in listed.split("\0") if name and (REPO / name).is_file()]
+
+
+# The variables by which MLflow knows it runs under CI or pytest and keeps quiet
+# (_is_ci_env_or_testing in mlflow/telemetry/utils.py): a user's shell has none of them.
+CI_MARKERS = {
+    "PYTEST_CURRENT_TEST",
+    "GITHUB_ACTIONS",
+    "CI",
+    "CIRCLECI",
+    "GITLAB_CI",
+    "JENKINS_URL",
+    "TRAVIS",
+    "TF_BUILD",
+    "BITBUCKET_BUILD_NUMBER",
+    "CODEBUILD_BUILD_ARN",
+    "BUILDKITE",
+    "TEAMCITY_VERSION",
+    "CLOUD_RUN_EXECUTION",
+    "RUNBOT_HOST_URL",
+    "RUNBOT_BUILD_NAME",
+    "RUNBOT_WORKER_ID",
+}
 
 
 def make_project(destination: Path, overrides=TINY, shrink_conf: bool = False) -> Path:
@@ -96,15 +126,23 @@ def venv_for(project: Path) -> None:
 
 
 def git(project: Path, *arguments: str) -> str:
-    return subprocess.run(["git", "-c", "user.name=test", "-c", "user.email=test@example.com", *arguments],
-                          cwd=project, capture_output=True, text=True, check=True).stdout.strip()
+    return subprocess.run(
+        ["git", "-c", "user.name=test", "-c", "user.email=test@example.com", *arguments],
+        cwd=project,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
 
 
 def environment(mnist_url: str, **extra: str) -> dict:
     """The stages' environment: this interpreter's venv first, MNIST from the local server,
     no tracking or DVC settings leaking in from the caller."""
-    env = {key: value for key, value in os.environ.items()
-           if not key.startswith(("MLFLOW_", "DVC_")) and key != "MNIST_MIRROR"}
+    env = {
+        key: value
+        for key, value in os.environ.items()
+        if not key.startswith(("MLFLOW_", "DVC_")) and key != "MNIST_MIRROR"
+    }
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"
     env["MNIST_MIRROR"] = mnist_url
     env.update(extra)
@@ -114,8 +152,9 @@ def environment(mnist_url: str, **extra: str) -> dict:
 def run(project: Path, command: list[str], env: dict, check: bool = True, timeout: int = 900):
     result = subprocess.run(command, cwd=project, env=env, capture_output=True, text=True, timeout=timeout)
     if check and result.returncode != 0:
-        raise AssertionError(f"{' '.join(command)} failed ({result.returncode}):\n"
-                             f"{result.stdout[-3000:]}\n{result.stderr[-5000:]}")
+        raise AssertionError(
+            f"{' '.join(command)} failed ({result.returncode}):\n{result.stdout[-3000:]}\n{result.stderr[-5000:]}"
+        )
     return result
 
 
@@ -156,11 +195,11 @@ def wait_for(url: str, process: subprocess.Popen, seconds: float = 120) -> None:
             if getattr(error, "code", None):  # an HTTP error status: the server answers
                 return
             if process.poll() is not None or time.monotonic() > deadline:
-                raise AssertionError(f"{url} did not come up: {process.args}")
+                raise AssertionError(f"{url} did not come up: {process.args}") from error
             time.sleep(0.5)
 
 
-def run_stage(project: Path, env: dict, name: str, **extra: str) -> tuple[subprocess.CompletedProcess, float]:
+def run_stage_process(project: Path, env: dict, name: str, **extra: str) -> tuple[subprocess.CompletedProcess, float]:
     """(result, wall seconds) of one stage run alone, `python -m pipeline.<name>`, allowed to fail."""
     started = time.monotonic()
     result = run(project, [sys.executable, "-m", f"pipeline.{name}"], {**env, **extra}, check=False)
@@ -170,15 +209,24 @@ def run_stage(project: Path, env: dict, name: str, **extra: str) -> tuple[subpro
 def served_classes(project: Path, env: dict, count: int, **variables: str) -> np.ndarray:
     """`make serve` on a free loopback port; the classes it answers for the first `count` test images."""
     port = free_port()
-    server = subprocess.Popen(["make", "--no-print-directory", "serve", f"PORT={port}"], cwd=project,
-                              env={**env, **variables}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                              start_new_session=True)
+    settings = [f"{key}={value}" for key, value in variables.items()]
+    server = subprocess.Popen(
+        ["make", "--no-print-directory", "serve", f"PORT={port}", *settings],
+        cwd=project,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     try:
         wait_for(f"http://127.0.0.1:{port}/ping", server, seconds=180)
         images = np.load(project / "data/prepared/test_images.npy")[:count]
-        request = urllib.request.Request(f"http://127.0.0.1:{port}/invocations", method="POST",
-                                         data=json.dumps({"inputs": images.tolist()}).encode(),
-                                         headers={"Content-Type": "application/json"})
+        request = urllib.request.Request(
+            f"http://127.0.0.1:{port}/invocations",
+            method="POST",
+            data=json.dumps({"inputs": images.tolist()}).encode(),
+            headers={"Content-Type": "application/json"},
+        )
         with urllib.request.urlopen(request, timeout=60) as response:
             return np.asarray(json.load(response)["predictions"]).argmax(axis=1)
     finally:

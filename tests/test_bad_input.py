@@ -7,9 +7,9 @@ import threading
 
 import pytest
 
-from pipeline.errors import PipelineError
 from pipeline.data_io import parse_idx
-from tests.helpers import copy_project, environment, error_lines, make_project, run, run_stage, written_files
+from pipeline.errors import PipelineError
+from tests.helpers import copy_project, environment, error_lines, make_project, run, run_stage_process, written_files
 
 
 def idx_images(count: int, rows: int = 28, columns: int = 28, magic: int = 0x803) -> bytes:
@@ -42,16 +42,17 @@ def prepared_project(prepared_original, tmp_path):
     return copy_project(project, tmp_path / "project"), env
 
 
-
 def test_missing_upstream_output(tmp_path, mnist_url):
     project = make_project(tmp_path)
     before = {path: path.read_bytes() for path in written_files(project)}
-    result, _ = run_stage(project, environment(mnist_url), "evaluate")
+    result, _ = run_stage_process(project, environment(mnist_url), "evaluate")
     assert result.returncode == 1
     assert error_lines(result.stderr) == [
-        "error: evaluate: missing upstream output data/prepared/test_images.npy; run `dvc repro` to produce it"]
-    assert {path: path.read_bytes() for path in written_files(project) if ".git/" not in str(path)} == \
-        {path: content for path, content in before.items() if ".git/" not in str(path)}
+        "error: evaluate: missing upstream output data/prepared/test_images.npy; run `dvc repro` to produce it"
+    ]
+    assert {path: path.read_bytes() for path in written_files(project) if ".git/" not in str(path)} == {
+        path: content for path, content in before.items() if ".git/" not in str(path)
+    }
 
 
 @pytest.mark.slow
@@ -60,7 +61,7 @@ def test_corrupted_model_file(prepared_project):
     (project / "models").mkdir(exist_ok=True)
     (project / "models/model.keras").write_bytes(b"PK\x03\x04 this is not a keras archive")
     (project / "models/run.json").write_text('{"run_id": "0", "experiment_id": "0"}')
-    result, _ = run_stage(project, env, "evaluate")
+    result, _ = run_stage_process(project, env, "evaluate")
     assert result.returncode == 1
     [line] = error_lines(result.stderr)
     assert line.startswith("error: evaluate: cannot load models/model.keras (")
@@ -74,7 +75,7 @@ def test_idx_file_with_wrong_magic_number(prepared_project):
     raw = project / "data/raw/t10k-labels-idx1-ubyte"
     raw.chmod(0o644)
     raw.write_bytes(struct.pack(">II", 0x999, 10000) + raw.read_bytes()[8:])
-    result, _ = run_stage(project, env, "preprocess")
+    result, _ = run_stage_process(project, env, "preprocess")
     assert result.returncode == 1
     [line] = error_lines(result.stderr)
     assert line.startswith("error: preprocess: t10k-labels-idx1-ubyte: wrong IDX magic number 0x00000999")
@@ -88,7 +89,7 @@ def test_output_directory_that_cannot_be_written(prepared_project, tmp_path):
     blocked.write_text("a file where the stage needs a directory")
     (project / "models").mkdir(exist_ok=True)
     run(project, [sys.executable, "-m", "pipeline.train"], env)
-    result, _ = run_stage(project, env, "evaluate")
+    result, _ = run_stage_process(project, env, "evaluate")
     assert result.returncode == 1
     [line] = error_lines(result.stderr)
     assert line.startswith("error: evaluate: data/predictions is in the way (")
@@ -127,7 +128,7 @@ def silent_server():
 def test_unreachable_tracking_server_fails_fast(prepared_project, silent_server, server):
     project, env = prepared_project
     uri = silent_server if server == "silent" else "http://127.0.0.1:9"
-    result, seconds = run_stage(project, env, "train", MLFLOW_TRACKING_URI=uri)
+    result, seconds = run_stage_process(project, env, "train", MLFLOW_TRACKING_URI=uri)
     assert result.returncode == 1
     [line] = error_lines(result.stderr)
     assert line.startswith(f"error: train: MLflow tracking server {uri} does not answer (")

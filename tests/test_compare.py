@@ -14,7 +14,7 @@ import pandas as pd
 import psutil
 import pytest
 
-from pipeline.compare import README_BEGIN, README_END
+from commands.compare import README_BEGIN, README_END
 from tests.helpers import REPO, environment, free_port, make_project, run, stop, venv_for, wait_for
 
 SWEPT = ["default", "lr_x10"]
@@ -27,8 +27,8 @@ def tiny_sweep(tmp_path_factory, mnist_url):
     queue workers at once writing to the same SQLite store, each given its own (pretend) GPU."""
     project = make_project(tmp_path_factory.mktemp("sweep"), shrink_conf=True)
     env = environment(mnist_url)
-    sweep = run(project, [sys.executable, "-m", "pipeline.sweep", "--jobs", "2", "--devices", "0,1", *SWEPT], env)
-    compare = run(project, [sys.executable, "-m", "pipeline.compare", "--force"], env)  # fewer runs than committed
+    sweep = run(project, [sys.executable, "-m", "commands.sweep", "--jobs", "2", "--devices", "0,1", *SWEPT], env)
+    compare = run(project, [sys.executable, "-m", "commands.compare", "--force"], env)  # fewer runs than committed
     mlflow.set_tracking_uri(f"sqlite:///{project / 'mlflow.db'}")
     runs = mlflow.search_runs(experiment_names=["mnist"], output_format="list")
     return project, env, sweep, compare, {run.info.run_name: run for run in runs}
@@ -63,7 +63,9 @@ def test_table_is_regenerated_from_the_tracked_runs(tiny_sweep):
     assert sorted(measured.index) == sorted(SWEPT)
     for setting in SWEPT:
         run = runs[f"{setting}-seed0"]
-        assert measured.loc[setting, "test_accuracy_mean"] == pytest.approx(run.data.metrics["test_accuracy"], abs=1e-12)
+        assert measured.loc[setting, "test_accuracy_mean"] == pytest.approx(
+            run.data.metrics["test_accuracy"], abs=1e-12
+        )
         assert measured.loc[setting, "run_ids"] == run.info.run_id
     assert table.loc["epochs_x10", "n"] == 0 and table.loc["epochs_x10", "claimed_test_accuracy"] == 0.9935
     per_class = pd.read_csv(project / "reports/comparison_per_class.csv")
@@ -77,7 +79,7 @@ def test_table_is_regenerated_from_the_tracked_runs(tiny_sweep):
 @pytest.mark.slow
 def test_second_sweep_trains_nothing(tiny_sweep):
     project, env, _, _, runs = tiny_sweep
-    again = run(project, [sys.executable, "-m", "pipeline.sweep", *SWEPT], env)
+    again = run(project, [sys.executable, "-m", "commands.sweep", *SWEPT], env)
     assert again.stderr.count("already tracked") == 2
     assert len(mlflow.search_runs(experiment_names=["mnist"], output_format="list")) == len(runs)
 
@@ -88,27 +90,30 @@ def test_a_sweep_never_stands_on_a_run_of_uncommitted_code(tmp_path, mnist_url):
     be of committed code, or `make reproduce RUN=` could not rebuild the table's row."""
     project = make_project(tmp_path, shrink_conf=True)
     env = environment(mnist_url)
-    edited = project / "pipeline/sweep.py"  # tracked, but no stage's input: git says dirty, DVC sees the same stages
+    edited = project / "pipeline/errors.py"  # tracked, but no stage's input: git says dirty, DVC sees the same stages
     committed = edited.read_text()
     edited.write_text(committed + "# an edit not yet committed\n")
     run(project, ["dvc", "exp", "run", "-S", "+experiment=default", "-S", "train.seed=0"], env)  # fills the run cache
     edited.write_text(committed)
 
-    result = run(project, [sys.executable, "-m", "pipeline.sweep", "default"], env, check=False)
+    result = run(project, [sys.executable, "-m", "commands.sweep", "default"], env, check=False)
 
     assert result.returncode == 1
     assert [line for line in result.stderr.splitlines() if line.startswith("error:")] == [
         "error: sweep: DVC restored default-seed0 from its run cache, and the only run of that config was logged from "
         "uncommitted code (tag git.dirty), which `make reproduce RUN=` cannot rebuild; retrain with "
-        "`make sweep SETTINGS=\"default\" FORCE=1`"]
+        '`make sweep SETTINGS="default" FORCE=1`'
+    ]
     # The comparison table still shows the run, marked, and says what makes it rebuildable.
-    run(project, [sys.executable, "-m", "pipeline.compare", "--force"], env)
+    run(project, [sys.executable, "-m", "commands.compare", "--force"], env)
     mlflow.set_tracking_uri(f"sqlite:///{project / 'mlflow.db'}")
     [dirty] = mlflow.search_runs(experiment_names=["mnist"], output_format="list")
     markdown = (project / "reports/comparison.md").read_text()
     assert f"| `{dirty.info.run_id[:8]}`† |" in markdown
-    assert ("† Logged from uncommitted code (tag `git.dirty`): no commit rebuilds it with `make reproduce RUN=`. "
-            "Commit the code and conf/, then `make sweep SETTINGS=\"default\" FORCE=1`.") in markdown
+    assert (
+        "† Logged from uncommitted code (tag `git.dirty`): no commit rebuilds it with `make reproduce RUN=`. "
+        'Commit the code and conf/, then `make sweep SETTINGS="default" FORCE=1`.'
+    ) in markdown
 
 
 @pytest.mark.slow
@@ -117,8 +122,10 @@ def test_a_queued_experiment_runs_its_preset_as_it_was_queued(tmp_path, mnist_ur
     experiment: it trains the queued config, and its run is of the committed code."""
     project = make_project(tmp_path, shrink_conf=True)
     env = environment(mnist_url)
-    queue = ("from pipeline.sweep import queue_experiment; "
-             "queue_experiment('lr_x10-seed0', 'lr_x10', ['+experiment=lr_x10', 'train.seed=0'], False)")
+    queue = (
+        "from commands.sweep import queue_experiment; "
+        "queue_experiment('lr_x10-seed0', 'lr_x10', ['+experiment=lr_x10', 'train.seed=0'], False)"
+    )
     run(project, [sys.executable, "-c", queue], env)
     preset = project / "conf/experiment/lr_x10.yaml"
     preset.write_text(preset.read_text().replace("learning_rate: 0.01", "learning_rate: 0.02"))
@@ -134,12 +141,13 @@ def test_a_queued_experiment_runs_its_preset_as_it_was_queued(tmp_path, mnist_ur
 
 def readme_table(readme: Path) -> str:
     text = readme.read_text()
-    return text[text.index(README_BEGIN) + len(README_BEGIN):text.index(README_END)].strip("\n") + "\n"
+    return text[text.index(README_BEGIN) + len(README_BEGIN) : text.index(README_END)].strip("\n") + "\n"
 
 
 def test_readme_table_is_the_regenerated_file():
-    assert readme_table(REPO / "README.md") == (REPO / "reports/comparison.md").read_text(), \
+    assert readme_table(REPO / "README.md") == (REPO / "reports/comparison.md").read_text(), (
         "README.md's table differs from reports/comparison.md: run `make compare` and commit both"
+    )
 
 
 @pytest.fixture
@@ -148,8 +156,15 @@ def mlflow_ui(tiny_sweep):
     project, env, _, _, _ = tiny_sweep
     venv_for(project)
     port = free_port()
-    server = subprocess.Popen(["make", "ui", f"PORT={port}", "UI_ARGS=--workers 1"], cwd=project, env=env,
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    server = subprocess.Popen(
+        ["make", "ui", f"PORT={port}", "UI_ARGS=--workers 1"],
+        cwd=project,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
     url = f"http://127.0.0.1:{port}"
     try:
         wait_for(f"{url}/health", server)
@@ -160,13 +175,21 @@ def mlflow_ui(tiny_sweep):
 
 def render(url: str, screenshot: Path) -> str:
     """The page's DOM after its scripts ran, and a screenshot, from headless Chromium."""
-    flags = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-             "--disable-background-networking", "--disable-component-update", "--disable-sync",
-             f"--user-data-dir={screenshot.parent / 'chromium-profile'}", "--window-size=1600,1400",
-             "--virtual-time-budget=20000"]
+    flags = [
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-quic",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        f"--user-data-dir={screenshot.parent / 'chromium-profile'}",
+        "--window-size=1600,1400",
+        "--virtual-time-budget=20000",
+    ]
     subprocess.run([CHROMIUM, *flags, f"--screenshot={screenshot}", url], capture_output=True, timeout=120)
-    return subprocess.run([CHROMIUM, *flags, "--dump-dom", url], capture_output=True, text=True,
-                          timeout=120).stdout
+    return subprocess.run([CHROMIUM, *flags, "--dump-dom", url], capture_output=True, text=True, timeout=120).stdout
 
 
 @pytest.mark.slow
@@ -174,8 +197,11 @@ def render(url: str, screenshot: Path) -> str:
 def test_ui_shows_the_sweep(tiny_sweep, mlflow_ui, tmp_path):
     _, _, _, _, runs = tiny_sweep
     mlflow_ui, port = mlflow_ui
-    listeners = [connection for connection in psutil.net_connections(kind="tcp")
-                 if connection.status == psutil.CONN_LISTEN and connection.laddr.port == port]
+    listeners = [
+        connection
+        for connection in psutil.net_connections(kind="tcp")
+        if connection.status == psutil.CONN_LISTEN and connection.laddr.port == port
+    ]
     listening = {connection.laddr.ip for connection in listeners}
     assert listening == {"127.0.0.1"}, f"make ui must listen on loopback only, not {listening}"
     for connection in listeners:  # nor does it pass the UI's usage events on to MLflow's makers
@@ -188,8 +214,10 @@ def test_ui_shows_the_sweep(tiny_sweep, mlflow_ui, tmp_path):
     assert "default-seed0" in runs_page and "lr_x10-seed0" in runs_page
 
     ids = urllib.parse.quote(json.dumps([run.info.run_id for run in runs.values()]))
-    compare_page = render(f"{mlflow_ui}/#/compare-runs?runs={ids}&experiments={urllib.parse.quote(json.dumps([experiment]))}",
-                          screenshots / "ui-compare.png")
+    compare_page = render(
+        f"{mlflow_ui}/#/compare-runs?runs={ids}&experiments={urllib.parse.quote(json.dumps([experiment]))}",
+        screenshots / "ui-compare.png",
+    )
     for visible in ("default-seed0", "lr_x10-seed0", "train.learning_rate", "f1_macro"):
         assert visible in compare_page, f"{visible!r} not shown in the compare view"
     assert (screenshots / "ui-compare.png").stat().st_size > 10_000

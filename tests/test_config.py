@@ -13,8 +13,9 @@ from tests.helpers import REPO, error_lines, make_project, run, written_files
 
 def test_params_yaml_is_the_composition_of_conf():
     committed = OmegaConf.load(REPO / "params.yaml")
-    assert OmegaConf.to_container(committed) == OmegaConf.to_container(compose()), \
+    assert OmegaConf.to_container(committed) == OmegaConf.to_container(compose()), (
         "params.yaml is stale: run `make params` and commit it"
+    )
 
 
 def test_default_config_is_the_reference_model():
@@ -35,24 +36,27 @@ def test_model_group_switches_the_model():
     assert validate(compose(["model=cnn"]))["model"].name == "cnn"
 
 
-@pytest.mark.parametrize("override, message", [
-    ("+train.momentum=0.9", "unknown key 'train.momentum'"),
-    ("+extra.thing=1", "unknown section 'extra'"),
-    ("train.batch_size=sixty-four", "train.batch_size"),
-    ("train.learning_rate=0", "train.learning_rate must be > 0, got 0"),
-    ("train.learning_rate=-0.1", "train.learning_rate must be > 0"),
-    ("train.batch_size=0", "train.batch_size must be >= 1, got 0"),
-    ("train.epochs=0", "train.epochs must be >= 1, got 0"),
-    ("model.name=resnet", "model.name: unknown model 'resnet'; allowed: mlp, cnn"),
-    ("data.limit=0", "data.limit must be null or >= 1"),
-    ("train.distribution=horovod", "train.distribution must be one of single, mirrored, got 'horovod'"),
-    ("train.schedule=one_cycle", "train.schedule must be one of constant, warmup_cosine, got 'one_cycle'"),
-    ("model=cnn model.filters=[8,8,8,8,8]", "model.filters must be a list of 1 to 4 positive integers"),
-    ("model=cnn model.random_shift=0.5", "model.random_shift must be in [0, 0.5), got 0.5"),
-    ("train.distribution=mirrored", "train.steps_per_execution must be 1 with train.distribution=mirrored"),
-    ("train.replicas=2", "train.replicas must be null, or >= 1 with train.distribution=mirrored, got 2"),
-    ("~train.epochs", "missing key 'train.epochs'"),
-])
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("+train.momentum=0.9", "unknown key 'train.momentum'"),
+        ("+extra.thing=1", "unknown section 'extra'"),
+        ("train.batch_size=sixty-four", "train.batch_size"),
+        ("train.learning_rate=0", "train.learning_rate must be > 0, got 0"),
+        ("train.learning_rate=-0.1", "train.learning_rate must be > 0"),
+        ("train.batch_size=0", "train.batch_size must be >= 1, got 0"),
+        ("train.epochs=0", "train.epochs must be >= 1, got 0"),
+        ("model.name=resnet", "model.name: unknown model 'resnet'; allowed: mlp, cnn"),
+        ("data.limit=0", "data.limit must be null or >= 1"),
+        ("train.distribution=horovod", "train.distribution must be one of single, mirrored, got 'horovod'"),
+        ("train.schedule=one_cycle", "train.schedule must be one of constant, warmup_cosine, got 'one_cycle'"),
+        ("model=cnn model.filters=[8,8,8,8,8]", "model.filters must be a list of 1 to 4 positive integers"),
+        ("model=cnn model.random_shift=0.5", "model.random_shift must be in [0, 0.5), got 0.5"),
+        ("train.distribution=mirrored", "train.steps_per_execution must be 1 with train.distribution=mirrored"),
+        ("train.replicas=2", "train.replicas must be null, or >= 1 with train.distribution=mirrored, got 2"),
+        ("~train.epochs", "missing key 'train.epochs'"),
+    ],
+)
 def test_bad_values_are_refused_with_the_key_named(override, message):
     with pytest.raises(PipelineError, match=re.escape(message)):
         validate(compose(override.split()))
@@ -68,6 +72,7 @@ def test_stage_refuses_bad_params_in_one_line_before_any_work(tmp_path, mnist_ur
     assert result.returncode == 1
     assert error_lines(result.stderr) == [
         "error: train: params.yaml: train.learning_rate must be > 0, got -1.0; "
-        "fix it in conf/ and run `dvc repro` (or `dvc exp run -S key=value`)"]
+        "fix it in conf/ and run `dvc repro` (or `dvc exp run -S key=value`)"
+    ]
     assert "Traceback" not in result.stderr
     assert written_files(project / "models") == [] and not (project / "mlflow.db").exists()

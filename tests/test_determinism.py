@@ -21,5 +21,5 @@ def test_a_second_training_gives_identical_weights(pipeline_run, trained_copy):
     run(copy, [sys.executable, "-m", "pipeline.train"], env)
     first, second = weights(project), weights(copy)
     assert len(first) == len(second) == 4
-    for a, b in zip(first, second):
+    for a, b in zip(first, second, strict=True):
         np.testing.assert_array_equal(a, b)

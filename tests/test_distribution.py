@@ -23,8 +23,16 @@ def results(project) -> tuple[dict, mlflow.entities.Run]:
 def test_mirrored_on_two_devices_matches_one_device(tmp_path, pipeline_run):
     """Against the shared tiny run: one device, batches of 64."""
     single, env, _ = pipeline_run
-    mirrored = make_project(tmp_path / "mirrored", [*TINY, "train.batch_size=32", "train.distribution=mirrored",
-                                                    "train.replicas=2", "train.steps_per_execution=1"])
+    mirrored = make_project(
+        tmp_path / "mirrored",
+        [
+            *TINY,
+            "train.batch_size=32",
+            "train.distribution=mirrored",
+            "train.replicas=2",
+            "train.steps_per_execution=1",
+        ],
+    )
     single_metrics, single_run = results(single)
     mirrored_metrics, mirrored_run = train_and_evaluate(mirrored, env)
 

@@ -6,8 +6,8 @@ import sys
 
 import pytest
 
-from pipeline.errors import PipelineError
 from pipeline.download import EXPECTED, fetch_verified, mirror_list
+from pipeline.errors import PipelineError
 from tests.helpers import TINY, environment, error_lines, make_project, mnist_source, run, written_files
 
 LABELS = "t10k-labels-idx1-ubyte"  # the smallest file: fast to tamper with
@@ -46,10 +46,13 @@ def test_unreachable_mirror_falls_back(mnist_url):
     assert len(fetch_verified(LABELS, [closed_port, mnist_url], timeout_seconds=5)) == EXPECTED[LABELS][0]
 
 
-@pytest.mark.parametrize("payload, reason", [
-    (b"<html><body>404 Not Found</body></html>", "looks like an HTML page"),
-    (None, "corrupt or truncated gzip"),  # the real file cut in half
-])
+@pytest.mark.parametrize(
+    "payload, reason",
+    [
+        (b"<html><body>404 Not Found</body></html>", "looks like an HTML page"),
+        (None, "corrupt or truncated gzip"),  # the real file cut in half
+    ],
+)
 def test_bad_payloads_are_named(tmp_path, payload, reason):
     real = (mnist_source() / f"{LABELS}.gz").read_bytes()
     (tmp_path / f"{LABELS}.gz").write_bytes(payload if payload is not None else real[: len(real) // 2])

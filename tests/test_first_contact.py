@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 import yaml
 
-from tests.helpers import REPO, environment, error_lines, free_port, git, make_project, run
+from tests.helpers import CI_MARKERS, REPO, environment, error_lines, free_port, git, make_project, run
 
 # The project copies have no .venv of their own: the tests' interpreter stands in for it.
 MAKE = ["make", "--no-print-directory", "-o", ".venv/.installed"]
@@ -26,8 +26,9 @@ def test_dvc_repro_after_a_conf_edit_runs_with_the_edited_value(tmp_path, mnist_
     status = run(project, ["dvc", "status"], env).stdout
     assert "params:" in status and "modified:" in status and "conf" in status, status
     result = run(project, ["dvc", "repro", "preprocess"], env)
-    assert ("params: conf/ changed; recomposed params.yaml with data.limit=300 train.epochs=1: "
-            "data.split_seed: 0 -> 1") in result.stderr
+    assert (
+        "params: conf/ changed; recomposed params.yaml with data.limit=300 train.epochs=1: data.split_seed: 0 -> 1"
+    ) in result.stderr
     assert "Running stage 'preprocess'" in result.stdout
     manifest = json.loads((project / "data/prepared/manifest.json").read_text())
     assert manifest["config"]["split_seed"] == 1 and manifest["config"]["limit"] == 300  # overrides kept
@@ -43,8 +44,10 @@ def test_params_that_disagree_with_conf_and_record_nothing_stop_dvc_repro(tmp_pa
     result = run(project, ["dvc", "repro"], environment(mnist_url), check=False)
     assert result.returncode != 0
     [line] = error_lines(result.stderr)
-    assert line.startswith("error: params: params.yaml differs from conf/ (data.limit is 300 there, None in conf/; "
-                           "train.epochs is 1 there, 5 in conf/) and does not record how it was composed")
+    assert line.startswith(
+        "error: params: params.yaml differs from conf/ (data.limit is 300 there, None in conf/; "
+        "train.epochs is 1 there, 5 in conf/) and does not record how it was composed"
+    )
     assert "Traceback" not in result.stderr
     assert not (project / "data/raw").exists()
 
@@ -59,8 +62,13 @@ def test_dvc_knows_every_module_that_shapes_a_stage_output(tmp_path, mnist_url):
     status = run(project, ["dvc", "status", "preprocess"], env).stdout
     assert "preprocess:" in status and "modified:           pipeline/data_io.py" in status, status
     stages = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
-    assert {"pipeline/models.py", "pipeline/data_io.py", "pipeline/numerics.py", "pipeline/tracking.py",
-            "requirements.lock"} <= set(stages["train"]["deps"])
+    assert {
+        "pipeline/models.py",
+        "pipeline/data_io.py",
+        "pipeline/numerics.py",
+        "pipeline/tracking.py",
+        "requirements.lock",
+    } <= set(stages["train"]["deps"])
     for stage in ("download", "preprocess", "train", "evaluate", "error-analysis"):
         assert "pipeline/data_io.py" in stages[stage]["deps"], stage
 
@@ -69,17 +77,25 @@ def test_the_committed_dvc_lock_matches_the_committed_code_and_params(mnist_url)
     """Otherwise a clone's `dvc repro` retrains from code that no committed result came from."""
     tracked = set(git(REPO, "ls-files").splitlines())
     status = json.loads(run(REPO, ["dvc", "status", "--json"], environment(mnist_url)).stdout)
-    stale = {stage: path for stage, changes in status.items() for change in changes
-             for path in change.get("changed deps", {}) if path.rstrip("/") in tracked | {"conf"}}
+    stale = {
+        stage: path
+        for stage, changes in status.items()
+        for change in changes
+        for path in change.get("changed deps", {})
+        if path.rstrip("/") in tracked | {"conf"}
+    }
     assert not stale, f"dvc.lock is older than {stale}: run `dvc repro` and commit dvc.lock"
 
 
-@pytest.mark.parametrize("override, message", [
-    ("train.epoch=3", "unknown key 'train.epoch'; allowed in train: learning_rate, batch_size, epochs,"),
-    ("model=resnet", "Could not find 'model/resnet'"),
-    ("train.epochs=[", "no viable alternative at input '['"),
-    ("train.epochs=0", "train.epochs must be >= 1, got 0"),
-])
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("train.epoch=3", "unknown key 'train.epoch'; allowed in train: learning_rate, batch_size, epochs,"),
+        ("model=resnet", "Could not find 'model/resnet'"),
+        ("train.epochs=[", "no viable alternative at input '['"),
+        ("train.epochs=0", "train.epochs must be >= 1, got 0"),
+    ],
+)
 def test_make_params_refuses_a_bad_override_in_one_line(tmp_path, mnist_url, override, message):
     project = make_project(tmp_path)
     before = (project / "params.yaml").read_bytes()
@@ -96,19 +112,26 @@ def test_make_ui_on_a_busy_port_fails_in_one_line(mnist_url):
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
-        result = subprocess.run([*MAKE, "ui", f"PORT={port}"], cwd=REPO, env=environment(mnist_url),
-                                capture_output=True, text=True, timeout=120)
+        result = subprocess.run(
+            [*MAKE, "ui", f"PORT={port}"],
+            cwd=REPO,
+            env=environment(mnist_url),
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
     assert result.returncode != 0
     assert error_lines(result.stderr) == [
         f"error: ui: cannot serve the UI on 127.0.0.1:{port} (Address already in use); stop what uses the port "
-        f"(another `make ui`?) or choose another: `make ui PORT={port + 1}`"]
+        f"(another `make ui`?) or choose another: `make ui PORT={port + 1}`"
+    ]
 
 
 def test_compare_never_replaces_the_committed_table_with_a_poorer_one(tmp_path, mnist_url):
     project = make_project(tmp_path)  # the committed README and reports/comparison.*, an empty store
     kept = [project / "README.md", *sorted((project / "reports").glob("comparison*"))]
     before = {path: path.read_bytes() for path in kept}
-    result = run(project, [sys.executable, "-m", "pipeline.compare"], environment(mnist_url), check=False)
+    result = run(project, [sys.executable, "-m", "commands.compare"], environment(mnist_url), check=False)
     assert result.returncode == 1
     [line] = error_lines(result.stderr)
     assert "holds fewer runs than reports/comparison.csv for default (0 of 3 runs)" in line
@@ -123,8 +146,15 @@ def test_a_cpu_run_speaks_to_people(pipeline_run):
     """No CUDA probing errors, C++ or MLflow notices, or ignored-argument warnings; then where results are."""
     _, _, result = pipeline_run
     output = result.stdout + result.stderr
-    for noise in ("cuInit", "E0000", "oneDNN custom operations", "absl::InitializeLog", "was passed, but will be ignored",
-                  "INFO mlflow", "alembic"):
+    for noise in (
+        "cuInit",
+        "E0000",
+        "oneDNN custom operations",
+        "absl::InitializeLog",
+        "was passed, but will be ignored",
+        "INFO mlflow",
+        "alembic",
+    ):
         assert noise not in output, f"{noise!r} in the output of `dvc repro`"
     assert "Results: test accuracy" in result.stderr and "reports/metrics.json" in result.stderr
     assert "reports/error_analysis/misclassified.png" in result.stderr and "`make ui`" in result.stderr
@@ -133,22 +163,24 @@ def test_a_cpu_run_speaks_to_people(pipeline_run):
 def test_make_ui_link_opens_the_runs_table_sorted_by_test_accuracy(tmp_path, mnist_url):
     project = make_project(tmp_path)
     port = free_port()
-    result = run(project, [sys.executable, "-m", "pipeline.tracking", "runs-url", "--port", str(port)],
-                 environment(mnist_url))
-    assert result.stdout.strip() == (f"Training runs: http://127.0.0.1:{port}/#/experiments/1/runs"
-                                     "?orderByKey=metrics.%60test_accuracy%60&orderByAsc=false")
+    result = run(
+        project, [sys.executable, "-m", "pipeline.tracking", "runs-url", "--port", str(port)], environment(mnist_url)
+    )
+    assert result.stdout.strip() == (
+        f"Training runs: http://127.0.0.1:{port}/#/experiments/1/runs"
+        "?orderByKey=metrics.%60test_accuracy%60&orderByAsc=false"
+    )
 
 
 def test_mlflow_sends_no_usage_events_unless_asked(tmp_path):
-    """MLflow 3 reports usage to its makers by default; no process of the pipeline does, in CI or not."""
-    check = [sys.executable, "-c", "import pipeline, mlflow.telemetry.utils as telemetry; "
-                                   "print(telemetry.is_telemetry_disabled())"]
-    # MLflow itself keeps quiet under CI or pytest (_is_ci_env_or_testing in mlflow/telemetry/utils.py):
-    # without their markers, as on a user's machine.
-    markers = {"PYTEST_CURRENT_TEST", "GITHUB_ACTIONS", "CI", "CIRCLECI", "GITLAB_CI", "JENKINS_URL", "TRAVIS",
-               "TF_BUILD", "BITBUCKET_BUILD_NUMBER", "CODEBUILD_BUILD_ARN", "BUILDKITE", "TEAMCITY_VERSION",
-               "CLOUD_RUN_EXECUTION", "RUNBOT_HOST_URL", "RUNBOT_BUILD_NAME", "RUNBOT_WORKER_ID"}
-    outside_ci = {key: value for key, value in environment("").items() if key not in markers}
+    """MLflow 3 reports usage to its makers by default; no entry point of the pipeline does, in CI or not."""
+    check = [
+        sys.executable,
+        "-c",
+        "from pipeline import runtime; runtime.apply_defaults(); "
+        "import mlflow.telemetry.utils as telemetry; print(telemetry.is_telemetry_disabled())",
+    ]
+    outside_ci = {key: value for key, value in environment("").items() if key not in CI_MARKERS}
     assert subprocess.run(check, cwd=REPO, env=outside_ci, capture_output=True, text=True).stdout.strip() == "True"
     asked = {**outside_ci, "MLFLOW_DISABLE_TELEMETRY": "false"}
     assert subprocess.run(check, cwd=REPO, env=asked, capture_output=True, text=True).stdout.strip() == "False"

@@ -17,12 +17,21 @@ from tests.helpers import environment, make_project, run
 # Long enough epochs (a few seconds) to be killed in the middle of one; 188 steps per epoch, run
 # 10 at a time, which does not divide them. A tiny CNN: its dropout and random shifts draw from seed
 # states and its learning rate follows a schedule, all of which a resume must restore.
-SLOW = ["data.limit=3000", "train.epochs=2", "train.batch_size=16", "train.steps_per_execution=10",
-        "model=cnn", "model.filters=[4]", "model.dense_units=16", "train.schedule=warmup_cosine"]
+SLOW = [
+    "data.limit=3000",
+    "train.epochs=2",
+    "train.batch_size=16",
+    "train.steps_per_execution=10",
+    "model=cnn",
+    "model.filters=[4]",
+    "model.dense_units=16",
+    "train.schedule=warmup_cosine",
+]
 
 
-@pytest.mark.parametrize("steps_per_epoch, configured, expected", [(860, 100, 86), (188, 10, 4), (5, 100, 5),
-                                                                  (101, 100, 1), (86, 100, 86)])
+@pytest.mark.parametrize(
+    "steps_per_epoch, configured, expected", [(860, 100, 86), (188, 10, 4), (5, 100, 5), (101, 100, 1), (86, 100, 86)]
+)
 def test_calls_never_straddle_an_epoch(steps_per_epoch, configured, expected):
     from pipeline.train import steps_per_call
 
@@ -41,17 +50,27 @@ def uninterrupted(tmp_path_factory, mnist_url):
 
 
 def kill_training_after_first_epoch(project, env, signal_number) -> None:
-    pipeline = subprocess.Popen(["dvc", "repro", "evaluate"], cwd=project, env=env, stdout=subprocess.DEVNULL,
-                                stderr=subprocess.DEVNULL, start_new_session=True)
+    pipeline = subprocess.Popen(
+        ["dvc", "repro", "evaluate"],
+        cwd=project,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     deadline = time.monotonic() + 300
     while not list(project.glob(".train-checkpoints/*/last-epoch.npz")):
         assert pipeline.poll() is None and time.monotonic() < deadline, "training ended before its first epoch did"
         time.sleep(0.05)
     # DVC runs the stage through $SHELL, which may or may not exec python: signal the innermost process.
-    matching = [child for child in psutil.Process(pipeline.pid).children(recursive=True)
-                if "pipeline.train" in " ".join(child.cmdline())]
-    [training] = [process for process in matching
-                  if not any(child in matching for child in process.children(recursive=True))]
+    matching = [
+        child
+        for child in psutil.Process(pipeline.pid).children(recursive=True)
+        if "pipeline.train" in " ".join(child.cmdline())
+    ]
+    [training] = [
+        process for process in matching if not any(child in matching for child in process.children(recursive=True))
+    ]
     training.send_signal(signal_number)
     assert pipeline.wait(timeout=120) != 0
 

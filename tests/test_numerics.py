@@ -33,8 +33,12 @@ def test_cpu_fingerprint_keeps_what_kernels_dispatch_on(tmp_path):
 
 
 def test_differences_are_named_in_words():
-    reference = {"cpu.isa": "avx avx2 fma avx512f avx512bw", "onednn": "on", "threads.intra_op": "0",
-                 "tensorflow.version": "2.21.0"}
+    reference = {
+        "cpu.isa": "avx avx2 fma avx512f avx512bw",
+        "onednn": "on",
+        "threads.intra_op": "0",
+        "tensorflow.version": "2.21.0",
+    }
     here = {"cpu.isa": "avx avx2 fma", "onednn": "off", "threads.intra_op": "0", "tensorflow.version": "2.21.0"}
     assert differences(reference, here) == [
         "CPU ISA: avx512f avx512bw in the reference only",
@@ -51,7 +55,9 @@ def test_the_pipeline_runs_tensorflow_with_onednn_and_records_what_tensorflow_do
     env = {key: value for key, value in os.environ.items() if key != "TF_ENABLE_ONEDNN_OPTS"}
     if setting is not None:
         env["TF_ENABLE_ONEDNN_OPTS"] = setting
-    probe = ("from pipeline import numerics; from tensorflow.python.util import _pywrap_util_port; "
-             "print(_pywrap_util_port.IsMklEnabled(), numerics.fingerprint()['onednn'])")
+    probe = (
+        "from pipeline import numerics; from tensorflow.python.util import _pywrap_util_port; "
+        "print(_pywrap_util_port.IsMklEnabled(), numerics.numeric_environment()['onednn'])"
+    )
     result = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, check=True)
     assert result.stdout.split("\n")[-2] == expected

@@ -37,8 +37,11 @@ def test_outputs_and_metrics(pipeline_run):
     assert METRIC_KEYS <= metrics.keys()
     assert 0.5 < metrics["test_accuracy"] <= 1.0, "even 300 images and one epoch beat chance by far"
     manifest = json.loads((project / "data/prepared/manifest.json").read_text())
-    assert {split: manifest["splits"][split]["count"] for split in manifest["splits"]} == \
-        {"train": 300, "validation": 300, "test": 300}
+    assert {split: manifest["splits"][split]["count"] for split in manifest["splits"]} == {
+        "train": 300,
+        "validation": 300,
+        "test": 300,
+    }
     images = np.load(project / "data/prepared/train_images.npy", allow_pickle=False)
     assert images.dtype == np.float32 and images.shape == (300, 28, 28)
     assert 0.0 == images.min() and images.max() == 1.0
@@ -49,8 +52,11 @@ def test_outputs_and_metrics(pipeline_run):
     assert per_class.correct.sum() / 300 == pytest.approx(metrics["test_accuracy"])
     pairs = pd.read_csv(project / "reports/error_analysis/confused_pairs.csv")
     assert list(pairs["count"]) == sorted(pairs["count"], reverse=True)
-    for picture in ("reports/error_analysis/confusion_matrix.png", "reports/error_analysis/misclassified.png",
-                    "reports/training_curves.png"):
+    for picture in (
+        "reports/error_analysis/confusion_matrix.png",
+        "reports/error_analysis/misclassified.png",
+        "reports/training_curves.png",
+    ):
         assert (project / picture).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
@@ -64,8 +70,11 @@ def test_dvc_sees_metrics_and_plots(trained_copy):
     assert [point["epoch"] for point in accuracy if point["field"] == "accuracy"] == ["1"]
     confusion = plots["Confusion matrix (test set)"][0]["content"]["data"]["values"]
     assert len(confusion) == 300 and {"actual", "predicted"} <= confusion[0].keys()
-    for picture in ("reports/training_curves.png", "reports/error_analysis/confusion_matrix.png",
-                    "reports/error_analysis/misclassified.png"):
+    for picture in (
+        "reports/training_curves.png",
+        "reports/error_analysis/confusion_matrix.png",
+        "reports/error_analysis/misclassified.png",
+    ):
         [image] = plots[picture]
         assert image["type"] == "image" and Path(image["url"]).read_bytes()[:4] == b"\x89PNG"
 
@@ -94,16 +103,27 @@ def test_mlflow_run_is_complete(pipeline_run, tracked_run):
     assert tags["data.hash"] == manifest["data_hash"]
     assert len(tags["config.hash"]) == 16
 
-    artifacts = {item.path for folder in ("training", "evaluation", "error_analysis")
-                 for item in client.list_artifacts(run_id, folder)}
-    assert {"evaluation/metrics.json", "error_analysis/per_class.csv", "error_analysis/misclassified.png",
-            "error_analysis/confusion_matrix.png", "training/training_curves.png"} <= artifacts
+    artifacts = {
+        item.path
+        for folder in ("training", "evaluation", "error_analysis")
+        for item in client.list_artifacts(run_id, folder)
+    }
+    assert {
+        "evaluation/metrics.json",
+        "error_analysis/per_class.csv",
+        "error_analysis/misclassified.png",
+        "error_analysis/confusion_matrix.png",
+        "training/training_curves.png",
+    } <= artifacts
 
 
 def test_no_environment_value_is_logged(tracked_run):
     client = mlflow.MlflowClient()
-    logged = [*tracked_run.data.params.values(), *tracked_run.data.tags.values(),
-              Path(client.download_artifacts(tracked_run.info.run_id, "environment/requirements.txt")).read_text()]
+    logged = [
+        *tracked_run.data.params.values(),
+        *tracked_run.data.tags.values(),
+        Path(client.download_artifacts(tracked_run.info.run_id, "environment/requirements.txt")).read_text(),
+    ]
     assert not any(SECRET in value for value in logged)
 
 

@@ -6,8 +6,8 @@ import sys
 import mlflow
 import pytest
 
+from commands.reproduce import CROSS_ENVIRONMENT_TOLERANCE
 from pipeline import numerics
-from pipeline.reproduce import CROSS_ENVIRONMENT_TOLERANCE
 from tests.helpers import copy_project, environment, error_lines, git, make_project, run
 
 pytestmark = pytest.mark.slow  # every test here runs the pipeline end to end
@@ -41,13 +41,14 @@ def tagged_project(tagged_original, tmp_path):
     return copy, env, tagged_metrics
 
 
-def reproduce(project, env, **variables):
-    return run(project, [sys.executable, "-m", "pipeline.reproduce"], {**env, **variables}, check=False)
+def reproduce(project, env, rev=None, run_id=None, **variables):
+    options = ["--rev", rev] if rev else ["--run", run_id]
+    return run(project, [sys.executable, "-m", "commands.reproduce", *options], {**env, **variables}, check=False)
 
 
 def test_reproduce_tag_matches_exactly(tagged_project):
     project, env, tagged_metrics = tagged_project
-    result = reproduce(project, env, REV="v1")
+    result = reproduce(project, env, rev="v1")
     assert result.returncode == 0, result.stderr[-3000:]
     assert "same numeric environment as the reference: the metrics must match exactly" in result.stderr
     assert "match exactly" in result.stderr
@@ -57,25 +58,28 @@ def test_reproduce_tag_matches_exactly(tagged_project):
 
 def test_reproduce_run_matches_exactly(tagged_project):
     project, env, tagged_metrics = tagged_project
-    [tagged_run] = mlflow.search_runs(experiment_names=["mnist"], output_format="list",
-                                      filter_string="params.`train.learning_rate` = '0.001'")
-    result = reproduce(project, env, RUN=tagged_run.info.run_id)
+    [tagged_run] = mlflow.search_runs(
+        experiment_names=["mnist"], output_format="list", filter_string="params.`train.learning_rate` = '0.001'"
+    )
+    result = reproduce(project, env, run_id=tagged_run.info.run_id)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "match exactly" in result.stderr
 
 
 def test_run_from_a_dirty_tree_is_refused(tagged_project):
     project, env, _ = tagged_project
-    [dirty_run] = mlflow.search_runs(experiment_names=["mnist"], output_format="list",
-                                     filter_string="params.`train.learning_rate` = '0.003'")
+    [dirty_run] = mlflow.search_runs(
+        experiment_names=["mnist"], output_format="list", filter_string="params.`train.learning_rate` = '0.003'"
+    )
     assert dirty_run.data.tags["git.dirty"] == "false"  # params.yaml alone does not make a run dirty
     models = project / "pipeline/models.py"
     models.write_text(models.read_text() + "\n# an uncommitted change\n")
     run(project, ["dvc", "repro", "--force", "train"], env)
-    newest = mlflow.search_runs(experiment_names=["mnist"], output_format="list",
-                                order_by=["attributes.start_time DESC"], max_results=1)[0]
+    newest = mlflow.search_runs(
+        experiment_names=["mnist"], output_format="list", order_by=["attributes.start_time DESC"], max_results=1
+    )[0]
     assert newest.data.tags["git.dirty"] == "true"
-    result = reproduce(project, env, RUN=newest.info.run_id)
+    result = reproduce(project, env, run_id=newest.info.run_id)
     assert result.returncode == 1
     [line] = error_lines(result.stderr)
     assert f"run {newest.info.run_id} was made from a working tree with uncommitted changes" in line
@@ -86,17 +90,18 @@ def test_tampered_metrics_are_reported_as_a_mismatch(tagged_project):
     git(project, "checkout", "-q", "-b", "tampered", "v1")
     (project / "reports/metrics.json").write_text(json.dumps({**tagged_metrics, "test_accuracy": 0.99}))
     git(project, "commit", "-qm", "tamper", "--", "reports/metrics.json")
-    result = reproduce(project, env, REV="tampered")
+    result = reproduce(project, env, rev="tampered")
     assert result.returncode == 1
     assert error_lines(result.stderr) == [
-        "error: reproduce: reproduction differs from tampered in test_accuracy beyond tolerance 0.0"]
+        "error: reproduce: reproduction differs from tampered in test_accuracy beyond tolerance 0.0"
+    ]
     assert f"{'test_accuracy':<18} {0.99!r:>22} {tagged_metrics['test_accuracy']!r:>22} {0:>10g}  no" in result.stdout
 
 
 def test_another_numeric_environment_is_named_and_judged_within_tolerance(tagged_project):
     """oneDNN off stands for another CPU: the verdict names the difference and uses the measured tolerance."""
     project, env, tagged_metrics = tagged_project
-    result = reproduce(project, env, REV="v1", TF_ENABLE_ONEDNN_OPTS="0")
+    result = reproduce(project, env, rev="v1", TF_ENABLE_ONEDNN_OPTS="0")
     assert result.returncode == 0, result.stderr[-3000:]
     assert "the numeric environment differs from the reference's; bit-identity is not expected" in result.stderr
     assert "oneDNN (TF_ENABLE_ONEDNN_OPTS): off here, on in the reference" in result.stderr
@@ -112,25 +117,42 @@ def test_unknown_environment_is_judged_within_tolerance_and_tampering_still_fail
     git(project, "checkout", "-q", "-b", "old-style", "v1")
     git(project, "rm", "-q", "reports/numerics.json")
     accuracy = tagged_metrics["test_accuracy"] + CROSS_ENVIRONMENT_TOLERANCE["test_accuracy"] / 2
-    (project / "reports/metrics.json").write_text(json.dumps(
-        {**tagged_metrics, "test_accuracy": accuracy, "test_loss": tagged_metrics["test_loss"] + 0.01}))
-    git(project, "commit", "-qm", "a result without its numeric environment, tampered", "--",
-        "reports/metrics.json", "reports/numerics.json")
-    result = reproduce(project, env, REV="old-style")
-    assert ("the reference records no numeric environment (reports/numerics.json is missing, made by an older "
-            "version): treated as a different one") in result.stderr
-    assert (f"{'test_accuracy':<18} {accuracy!r:>22} {tagged_metrics['test_accuracy']!r:>22} "
-            f"{CROSS_ENVIRONMENT_TOLERANCE['test_accuracy']:>10g}  within") in result.stdout
+    (project / "reports/metrics.json").write_text(
+        json.dumps({**tagged_metrics, "test_accuracy": accuracy, "test_loss": tagged_metrics["test_loss"] + 0.01})
+    )
+    git(
+        project,
+        "commit",
+        "-qm",
+        "a result without its numeric environment, tampered",
+        "--",
+        "reports/metrics.json",
+        "reports/numerics.json",
+    )
+    result = reproduce(project, env, rev="old-style")
+    assert (
+        "the reference records no numeric environment (reports/numerics.json is missing, made by an older "
+        "version): treated as a different one"
+    ) in result.stderr
+    assert (
+        f"{'test_accuracy':<18} {accuracy!r:>22} {tagged_metrics['test_accuracy']!r:>22} "
+        f"{CROSS_ENVIRONMENT_TOLERANCE['test_accuracy']:>10g}  within"
+    ) in result.stdout
     assert result.returncode == 1
     assert error_lines(result.stderr) == [
-        "error: reproduce: reproduction differs from old-style in test_loss beyond their tolerance"]
+        "error: reproduce: reproduction differs from old-style in test_loss beyond their tolerance"
+    ]
 
 
 def test_run_tags_and_committed_file_hold_the_numeric_environment(tagged_project):
     project, _, _ = tagged_project
     committed = json.loads(git(project, "show", "v1:reports/numerics.json"))
     assert committed["cpu.isa"] and committed["onednn"] == "on" and committed["tensorflow.version"]
-    tagged_run = mlflow.search_runs(experiment_names=["mnist"], output_format="list", max_results=1,
-                                    filter_string="params.`train.learning_rate` = '0.001'",
-                                    order_by=["attributes.start_time ASC"])[0]  # v1's, the first
+    tagged_run = mlflow.search_runs(
+        experiment_names=["mnist"],
+        output_format="list",
+        max_results=1,
+        filter_string="params.`train.learning_rate` = '0.001'",
+        order_by=["attributes.start_time ASC"],
+    )[0]  # v1's, the first
     assert numerics.from_tags(tagged_run.data.tags) == committed

@@ -43,7 +43,8 @@ def test_promote_without_a_run_is_one_line(trained):
     result = run(project, [*MAKE, "promote"], env, check=False)
     assert result.returncode != 0
     assert error_lines(result.stderr) == [
-        "error: promote: name the run to promote: `make promote RUN=<run id>` (`make ui` lists them)"]
+        "error: promote: name the run to promote: `make promote RUN=<run id>` (`make ui` lists them)"
+    ]
 
 
 def test_the_data_splits_are_mlflow_datasets(trained):

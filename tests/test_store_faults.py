@@ -11,15 +11,17 @@ import time
 import mlflow
 import pytest
 
-from tests.helpers import QuietHandler, error_lines, free_port, run_stage, stop, wait_for, written_files
+from tests.helpers import QuietHandler, error_lines, free_port, run_stage_process, stop, wait_for, written_files
 
 pytestmark = pytest.mark.slow  # each test works on a copy of a tiny trained project
 
 
 def outputs(project) -> dict:
-    return {path: path.read_bytes() for folder in ("models", "reports", "data/predictions")
-            for path in written_files(project / folder)}
-
+    return {
+        path: path.read_bytes()
+        for folder in ("models", "reports", "data/predictions")
+        for path in written_files(project / folder)
+    }
 
 
 def assert_one_line(result, *fragments) -> str:
@@ -41,9 +43,13 @@ def test_deleted_run(trained_copy, name):
     [tracked] = store(project).search_runs(["1"])
     store(project).delete_run(tracked.info.run_id)
     before = outputs(project)
-    result, _ = run_stage(project, env, name)
-    assert_one_line(result, f"MLflow run {tracked.info.run_id} (from models/run.json) is deleted in",
-                    f"mlflow runs restore --run-id {tracked.info.run_id}", "`dvc repro --force train`")
+    result, _ = run_stage_process(project, env, name)
+    assert_one_line(
+        result,
+        f"MLflow run {tracked.info.run_id} (from models/run.json) is deleted in",
+        f"mlflow runs restore --run-id {tracked.info.run_id}",
+        "`dvc repro --force train`",
+    )
     assert outputs(project) == before
     assert store(project).get_run(tracked.info.run_id).info.lifecycle_stage == "deleted"  # left as it was
 
@@ -52,14 +58,20 @@ def test_deleted_experiment(trained_copy):
     project, env = trained_copy
     store(project).delete_experiment("1")
     before = outputs(project)
-    result, _ = run_stage(project, env, "train")
-    assert_one_line(result, "MLflow experiment 'mnist' is deleted in", "mlflow experiments restore --experiment-id 1",
-                    "MLFLOW_EXPERIMENT_NAME")
+    result, _ = run_stage_process(project, env, "train")
+    assert_one_line(
+        result,
+        "MLflow experiment 'mnist' is deleted in",
+        "mlflow experiments restore --experiment-id 1",
+        "MLFLOW_EXPERIMENT_NAME",
+    )
     assert outputs(project) == before
     assert store(project).get_experiment("1").lifecycle_stage == "deleted"
 
 
-@pytest.mark.parametrize("content", [b"not a database\n" * 100, "sqlite with other tables"], ids=["text", "other-sqlite"])
+@pytest.mark.parametrize(
+    "content", [b"not a database\n" * 100, "sqlite with other tables"], ids=["text", "other-sqlite"]
+)
 def test_store_that_is_not_an_mlflow_store(trained_copy, content):
     project, env = trained_copy
     database = project / "mlflow.db"
@@ -71,13 +83,16 @@ def test_store_that_is_not_an_mlflow_store(trained_copy, content):
             other.execute("CREATE TABLE invoices (id INTEGER)")
     store_before = database.read_bytes()
     before = outputs(project)
-    result, _ = run_stage(project, env, "evaluate")
+    result, _ = run_stage_process(project, env, "evaluate")
     assert_one_line(result, f"{database}", "not an MLflow store", "MLFLOW_TRACKING_URI")
     assert outputs(project) == before and database.read_bytes() == store_before
 
 
-@pytest.mark.parametrize("revision, fragment", [("0a8213491aaa", "was made by an older MLflow"),
-                                                 ("ffffffffffff", "was made by a newer MLflow")], ids=["older", "newer"])
+@pytest.mark.parametrize(
+    "revision, fragment",
+    [("0a8213491aaa", "was made by an older MLflow"), ("ffffffffffff", "was made by a newer MLflow")],
+    ids=["older", "newer"],
+)
 def test_store_of_another_mlflow_version_is_not_migrated(trained_copy, revision, fragment):
     project, env = trained_copy
     database = project / "mlflow.db"
@@ -85,7 +100,7 @@ def test_store_of_another_mlflow_version_is_not_migrated(trained_copy, revision,
         schema.execute("UPDATE alembic_version SET version_num = ?", (revision,))
     store_before = database.read_bytes()
     before = outputs(project)
-    result, _ = run_stage(project, env, "evaluate")
+    result, _ = run_stage_process(project, env, "evaluate")
     assert_one_line(result, fragment)
     assert outputs(project) == before and database.read_bytes() == store_before
 
@@ -96,7 +111,7 @@ def test_store_locked_by_another_writer(trained_copy):
     lock = sqlite3.connect(project / "mlflow.db", isolation_level=None)
     lock.execute("BEGIN EXCLUSIVE")
     try:
-        result, seconds = run_stage(project, env, "evaluate")
+        result, seconds = run_stage_process(project, env, "evaluate")
     finally:
         lock.execute("ROLLBACK")
         lock.close()
@@ -109,6 +124,7 @@ def test_store_locked_by_another_writer(trained_copy):
 @pytest.fixture
 def refusing_proxy():
     """A 'proxy' on 127.0.0.1 that answers 403 to every request."""
+
     class Forbidden(QuietHandler):
         def do_GET(self):
             self.send_error(403, "Forbidden by policy")
@@ -125,7 +141,7 @@ def refusing_proxy():
 def test_server_that_refuses_the_request(trained_copy, refusing_proxy):
     project, env = trained_copy
     before = outputs(project)
-    result, seconds = run_stage(project, env, "evaluate", MLFLOW_TRACKING_URI=refusing_proxy)
+    result, seconds = run_stage_process(project, env, "evaluate", MLFLOW_TRACKING_URI=refusing_proxy)
     assert_one_line(result, f"MLflow tracking server {refusing_proxy} refused the request (HTTP 403")
     assert seconds < 60 and outputs(project) == before
 
@@ -139,19 +155,42 @@ def test_server_that_dies_during_training(trained_copy, tmp_path):
     before = outputs(project)
     port = free_port()
     server = subprocess.Popen(
-        ["mlflow", "server", "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}", "--artifacts-destination",
-         str(tmp_path / "artifacts"), "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
-        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+        [
+            "mlflow",
+            "server",
+            "--backend-store-uri",
+            f"sqlite:///{tmp_path / 'server.db'}",
+            "--artifacts-destination",
+            str(tmp_path / "artifacts"),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--workers",
+            "1",
+        ],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     uri = f"http://127.0.0.1:{port}"
     try:
         wait_for(f"{uri}/health", server, seconds=180)
-        training = subprocess.Popen([sys.executable, "-m", "pipeline.train"], cwd=project,
-                                    env={**env, "MLFLOW_TRACKING_URI": uri}, stdout=subprocess.PIPE,
-                                    stderr=subprocess.PIPE, text=True)
+        training = subprocess.Popen(
+            [sys.executable, "-m", "pipeline.train"],
+            cwd=project,
+            env={**env, "MLFLOW_TRACKING_URI": uri},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
         client = mlflow.MlflowClient(tracking_uri=uri)
         deadline = time.monotonic() + 180
-        while not any("loss" in tracked.data.metrics for tracked in client.search_runs(
-                [experiment.experiment_id for experiment in client.search_experiments()])):
+        while not any(
+            "loss" in tracked.data.metrics
+            for tracked in client.search_runs([experiment.experiment_id for experiment in client.search_experiments()])
+        ):
             assert training.poll() is None and time.monotonic() < deadline, "no epoch was logged"
             time.sleep(0.5)
     finally:

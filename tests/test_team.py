@@ -12,14 +12,24 @@ import urllib.request
 from pathlib import Path
 
 import boto3
-import numpy as np
 import mlflow
+import numpy as np
 import psycopg
 import pytest
 from mlflow.server import get_app_client
 
-from tests.helpers import (NEEDS_POSTGRES, environment, error_lines, free_port, make_project, run, served_classes, stop, venv_for,
-                           wait_for)
+from tests.helpers import (
+    NEEDS_POSTGRES,
+    environment,
+    error_lines,
+    free_port,
+    make_project,
+    run,
+    served_classes,
+    stop,
+    venv_for,
+    wait_for,
+)
 
 BUCKET = "mnist-team"
 S3_ENV = {"AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test", "AWS_DEFAULT_REGION": "us-east-1"}
@@ -33,8 +43,12 @@ pytestmark = [pytest.mark.slow, NEEDS_POSTGRES]
 def s3():
     """moto's S3-compatible server on a free loopback port, with one bucket."""
     port = free_port()
-    server = subprocess.Popen([Path(sys.executable).parent / "moto_server", "-H", "127.0.0.1", "-p", str(port)],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    server = subprocess.Popen(
+        [Path(sys.executable).parent / "moto_server", "-H", "127.0.0.1", "-p", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     endpoint = f"http://127.0.0.1:{port}"
     try:
         wait_for(endpoint, server)
@@ -60,10 +74,21 @@ def team_server(tmp_path_factory, postgres, s3, mnist_url):
     env = environment(mnist_url, MLFLOW_S3_ENDPOINT_URL=s3, **S3_ENV)
     started = time.monotonic()
     server = subprocess.Popen(
-        ["make", "server", f"PORT={port}", f"BACKEND_STORE_URI={postgres}", f"ARTIFACTS_DESTINATION=s3://{BUCKET}/mlflow",
-         f"AUTH_DATABASE_URI=sqlite:///{scratch / 'auth.db'}", "UI_ARGS=--workers 1"],
-        cwd=project, env={**env, "MLFLOW_AUTH_ADMIN_PASSWORD": ADMIN_PASSWORD}, stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL, start_new_session=True)
+        [
+            "make",
+            "server",
+            f"PORT={port}",
+            f"BACKEND_STORE_URI={postgres}",
+            f"ARTIFACTS_DESTINATION=s3://{BUCKET}/mlflow",
+            f"AUTH_DATABASE_URI=sqlite:///{scratch / 'auth.db'}",
+            "UI_ARGS=--workers 1",
+        ],
+        cwd=project,
+        env={**env, "MLFLOW_AUTH_ADMIN_PASSWORD": ADMIN_PASSWORD},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     try:
         wait_for(f"http://127.0.0.1:{port}/health", server, seconds=180)
         print(f"make server with authentication answered after {time.monotonic() - started:.1f} s")
@@ -83,7 +108,7 @@ def test_auth_pipeline_and_sweep_against_the_team_server(team_server, postgres, 
     """The right credentials log complete runs; none of them lands anywhere the pipeline writes."""
     project, env = team_server
     repro = run(project, ["dvc", "repro"], env)
-    sweep = run(project, [sys.executable, "-m", "pipeline.sweep", "lr_x10"], env)
+    sweep = run(project, [sys.executable, "-m", "commands.sweep", "lr_x10"], env)
 
     with psycopg.connect(postgres) as connection, connection.cursor() as cursor:
         cursor.execute("SELECT name, status FROM runs ORDER BY start_time")
@@ -103,7 +128,9 @@ def test_auth_pipeline_and_sweep_against_the_team_server(team_server, postgres, 
             patch.setenv(key, value)
         for tracked in client.search_runs([client.get_experiment_by_name("mnist").experiment_id]):
             logged += [*tracked.data.params.values(), *tracked.data.tags.values(), json.dumps(tracked.data.metrics)]
-            logged.append(Path(client.download_artifacts(tracked.info.run_id, "environment/requirements.txt")).read_text())
+            logged.append(
+                Path(client.download_artifacts(tracked.info.run_id, "environment/requirements.txt")).read_text()
+            )
     written = [(project / name).read_text() for name in ("params.yaml", "dvc.lock", ".dvc/config")]
     for text in [*logged, *written, repro.stdout, repro.stderr, sweep.stdout, sweep.stderr]:
         assert ADMIN_PASSWORD not in text
@@ -117,12 +144,20 @@ def test_auth_anonymous_requests_get_401(team_server):
         assert refused.value.code == 401
 
 
-@pytest.mark.parametrize("credentials, message", [
-    ({"MLFLOW_TRACKING_PASSWORD": "not-the-password"},
-     "rejected the login of MLFLOW_TRACKING_USERNAME=admin; check MLFLOW_TRACKING_PASSWORD"),
-    ({"MLFLOW_TRACKING_USERNAME": "", "MLFLOW_TRACKING_PASSWORD": ""},
-     "requires a login; set MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD"),
-], ids=["wrong-password", "no-login"])
+@pytest.mark.parametrize(
+    "credentials, message",
+    [
+        (
+            {"MLFLOW_TRACKING_PASSWORD": "not-the-password"},
+            "rejected the login of MLFLOW_TRACKING_USERNAME=admin; check MLFLOW_TRACKING_PASSWORD",
+        ),
+        (
+            {"MLFLOW_TRACKING_USERNAME": "", "MLFLOW_TRACKING_PASSWORD": ""},
+            "requires a login; set MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD",
+        ),
+    ],
+    ids=["wrong-password", "no-login"],
+)
 def test_auth_bad_login_is_one_line_before_any_training(team_server, credentials, message):
     project, env = team_server
     started = time.monotonic()
@@ -148,9 +183,15 @@ def test_permission_read_only_user_can_search_runs_but_not_log_one(team_server, 
     reader = {"MLFLOW_TRACKING_USERNAME": "reader", "MLFLOW_TRACKING_PASSWORD": "reader-pa55word-long"}
     for key, value in reader.items():
         monkeypatch.setenv(key, value)
-    assert "by-the-admin" in {tracked.info.run_name for tracked in mlflow.MlflowClient(uri).search_runs([experiment_id])}
-    result = run(project, [sys.executable, "-m", "pipeline.train"],
-                 {**env, **reader, "MLFLOW_EXPERIMENT_NAME": "team-permissions"}, check=False)
+    assert "by-the-admin" in {
+        tracked.info.run_name for tracked in mlflow.MlflowClient(uri).search_runs([experiment_id])
+    }
+    result = run(
+        project,
+        [sys.executable, "-m", "pipeline.train"],
+        {**env, **reader, "MLFLOW_EXPERIMENT_NAME": "team-permissions"},
+        check=False,
+    )
     assert result.returncode == 1, result.stderr[-2000:]
     [line] = error_lines(result.stderr)
     assert "refused the request (HTTP 403): MLFLOW_TRACKING_USERNAME=reader lacks the permission" in line

@@ -21,7 +21,7 @@ def test_fused_adam_takes_keras_adams_steps():
     fused, plain = after_adam_steps(fused_adam(0.01)), after_adam_steps(keras.optimizers.Adam(0.01))
     assert len(fused) == len(plain) == 5  # the variable; step count, learning rate, first and second moments
     assert not np.allclose(fused[0], np.random.default_rng(0).normal(size=(30, 20)))  # it did move
-    for ours, theirs in zip(fused, plain):
+    for ours, theirs in zip(fused, plain, strict=True):
         np.testing.assert_allclose(ours, theirs, rtol=1e-5, atol=1e-6)
 
 
@@ -72,7 +72,9 @@ def test_fused_batch_normalization_computes_keras_batch_normalization():
 
 def test_a_model_with_it_saves_plain_batch_normalization(tmp_path):
     """Inference is Keras's own call, and the saved layer is Keras's: the loaded model predicts the same."""
-    model = with_fused_batch_normalization(keras.Sequential([keras.Input((4, 4, 2)), keras.layers.BatchNormalization()]))
+    model = with_fused_batch_normalization(
+        keras.Sequential([keras.Input((4, 4, 2)), keras.layers.BatchNormalization()])
+    )
     model.compile(optimizer="adam", loss="mse")
     images = np.random.default_rng(0).normal(size=(16, 4, 4, 2)).astype("float32")
     model.fit(images, images, verbose=0)

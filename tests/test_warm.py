@@ -20,7 +20,7 @@ STAGES = ["config", "download", "preprocess", "train", "evaluate", "error_analys
 
 
 def warm(project, env, action: str) -> subprocess.CompletedProcess:
-    return run(project, [sys.executable, "-m", "pipeline.warm", action, "--idle-minutes", "10"], env)
+    return run(project, [sys.executable, "-m", "commands.warm", action, "--idle-minutes", "10"], env)
 
 
 @pytest.fixture
@@ -70,8 +70,10 @@ def test_another_environment_runs_the_stage_in_its_own_process(warm_project):
 
     result = run(project, [sys.executable, "-m", "pipeline.download"], {**env, "TF_NUM_INTRAOP_THREADS": "1"})
 
-    assert ("warm: the warm process was started in another environment (TF_NUM_INTRAOP_THREADS differ); "
-            "`make cold`, then `make warm` in this one; this stage runs in its own process") in result.stderr
+    assert (
+        "warm: the warm process was started in another environment (TF_NUM_INTRAOP_THREADS differ); "
+        "`make cold`, then `make warm` in this one; this stage runs in its own process"
+    ) in result.stderr
     assert len(served(project)) == before
 
 
@@ -79,8 +81,14 @@ def test_ctrl_c_reaches_the_stage(warm_project):
     project, env = warm_project
     params = project / "params.yaml"  # an epoch long enough to be interrupted in
     params.write_text(params.read_text().replace("epochs: 1", "epochs: 50").replace("limit: 300", "limit: 20000"))
-    stand_in = subprocess.Popen([sys.executable, "-m", "pipeline.train"], cwd=project, env=env,
-                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    stand_in = subprocess.Popen(
+        [sys.executable, "-m", "pipeline.train"],
+        cwd=project,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     deadline = time.monotonic() + 300
     while not list(project.glob(".train-checkpoints/*/last-epoch.npz")):
         assert stand_in.poll() is None and time.monotonic() < deadline, "training ended before its first epoch did"

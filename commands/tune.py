@@ -20,7 +20,7 @@ import sys
 import time
 import warnings
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any
 
 import mlflow
 from filelock import FileLock, Timeout
@@ -41,10 +41,10 @@ TOP = 5
 @dataclass
 class SearchParameter:
     type: str = MISSING  # float, int or categorical
-    low: Optional[float] = None
-    high: Optional[float] = None
+    low: float | None = None
+    high: float | None = None
     log: bool = False
-    choices: Optional[list[Any]] = None
+    choices: list[Any] | None = None
 
 
 @dataclass
@@ -66,8 +66,9 @@ def load_space(name: str) -> SearchSpace:
     for key, parameter in space.parameters.items():
         ranged = parameter.low is not None and parameter.high is not None and parameter.low < parameter.high
         if not (parameter.type in ("float", "int") and ranged or parameter.type == "categorical" and parameter.choices):
-            raise PipelineError(f"{shown}: {key} needs type float or int with low < high, or type categorical "
-                                "with choices")
+            raise PipelineError(
+                f"{shown}: {key} needs type float or int with low < high, or type categorical with choices"
+            )
         for value in parameter.choices or (parameter.low, parameter.high):  # before any trial runs
             try:
                 training_hash([f"{key}={int(value) if parameter.type == 'int' else value}"])
@@ -93,8 +94,10 @@ class TrialFailed(Exception):
 
 
 def run_trial(trial, space: SearchSpace, study_name: str) -> float:
-    overrides = [f"{key}={value!r}" if isinstance(value, float) else f"{key}={value}"
-                 for key, value in suggest(trial, space).items()]
+    overrides = [
+        f"{key}={value!r}" if isinstance(value, float) else f"{key}={value}"
+        for key, value in suggest(trial, space).items()
+    ]
     name = f"{study_name}-trial{trial.number}"
     trial.set_user_attr("dvc_experiment", name)
     print(f"tune: trial {trial.number}: {' '.join(overrides)}", file=sys.stderr)
@@ -126,7 +129,9 @@ def experiment_run(name: str, overrides: list[str], study_name: str, trial):
         output = (experiment.stdout + experiment.stderr).splitlines()
         # The stage's own `error:` line says why; a bug's traceback ends with the exception.
         reason = next((line for line in output if line.startswith("error:")), None) or next(
-            (line for line in reversed(output) if line.strip() and not line.startswith("ERROR: failed to reproduce")), "")
+            (line for line in reversed(output) if line.strip() and not line.startswith("ERROR: failed to reproduce")),
+            "",
+        )
         trial.set_user_attr("fail_reason", reason.strip())
         raise TrialFailed(f"experiment {name} failed: {reason.strip()}")
     run = trial_run(study_name, trial.number) or earlier_run(overrides)
@@ -136,19 +141,26 @@ def experiment_run(name: str, overrides: list[str], study_name: str, trial):
 
 
 def trial_run(study_name: str, number: int):
-    runs = mlflow.search_runs(experiment_ids=[tracking.experiment_id()], output_format="list", max_results=1,
-                              filter_string=f"tags.`tune.study` = '{study_name}' and tags.`tune.trial` = '{number}' "
-                                            "and attributes.status = 'FINISHED'")
+    runs = mlflow.search_runs(
+        experiment_ids=[tracking.experiment_id()],
+        output_format="list",
+        max_results=1,
+        filter_string=f"tags.`tune.study` = '{study_name}' and tags.`tune.trial` = '{number}' "
+        "and attributes.status = 'FINISHED'",
+    )
     return runs[0] if runs else None
 
 
 def earlier_run(overrides: list[str]):
     """The run of an identical setting: DVC restores a stage it ran before from its run cache,
     without executing it, so a repeated suggestion logs nothing new; the earlier run stands for it."""
-    runs = mlflow.search_runs(experiment_ids=[tracking.experiment_id()], output_format="list", max_results=1,
-                              filter_string=f"tags.`config.hash` = '{training_hash(overrides)}' "
-                                            "and attributes.status = 'FINISHED'",
-                              order_by=["attributes.start_time DESC"])
+    runs = mlflow.search_runs(
+        experiment_ids=[tracking.experiment_id()],
+        output_format="list",
+        max_results=1,
+        filter_string=f"tags.`config.hash` = '{training_hash(overrides)}' and attributes.status = 'FINISHED'",
+        order_by=["attributes.start_time DESC"],
+    )
     return runs[0] if runs else None
 
 
@@ -165,27 +177,37 @@ def tune(space_name: str, trials: int, storage_url: str, study_name: str, seeds:
     optuna.logging.set_verbosity(optuna.logging.ERROR)  # one line per trial is printed here instead
     storage = open_storage(storage_url)
     # No sampler seed: workers on other machines seeded alike would suggest the same settings.
-    study = optuna.create_study(study_name=study_name, storage=storage, direction="maximize",
-                                sampler=optuna.samplers.TPESampler(), load_if_exists=True)
+    study = optuna.create_study(
+        study_name=study_name,
+        storage=storage,
+        direction="maximize",
+        sampler=optuna.samplers.TPESampler(),
+        load_if_exists=True,
+    )
     finished = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.FAIL)
     done = len(study.get_trials(states=finished))
     print(f"tune: study {study_name!r} in {storage_url}: {done} of {trials} trials finished", file=sys.stderr)
     started = time.monotonic()
     if done < trials:
-        study.optimize(lambda trial: run_trial(trial, space, study_name), catch=(TrialFailed,),
-                       callbacks=[optuna.study.MaxTrialsCallback(trials, states=finished), report])
+        study.optimize(
+            lambda trial: run_trial(trial, space, study_name),
+            catch=(TrialFailed,),
+            callbacks=[optuna.study.MaxTrialsCallback(trials, states=finished), report],
+        )
     complete = study.get_trials(states=(optuna.trial.TrialState.COMPLETE,))
     if not complete:
         raise PipelineError(f"no trial of study {study_name!r} completed; see the failed trials' lines above")
     print_top(complete, time.monotonic() - started)
     write_preset(study, len(study.get_trials(states=finished)))
     if seeds:
-        from pipeline.sweep import sweep
+        from commands.sweep import sweep
 
         try:  # one at a time, so that their fit times compare with the comparison table's other rows
             sweep(["tuned"], seeds, 1, [], force=False)
         except subprocess.CalledProcessError as error:
-            raise PipelineError(f"`{' '.join(error.cmd)}` failed (exit {error.returncode}); see its output above") from None
+            raise PipelineError(
+                f"`{' '.join(error.cmd)}` failed (exit {error.returncode}); see its output above"
+            ) from None
 
 
 def open_storage(url: str):
@@ -207,8 +229,11 @@ def report(study, trial) -> None:
     """One line per finished trial, with the best so far."""
     import optuna
 
-    outcome = (f"failed: {trial.user_attrs.get('fail_reason') or 'see above'}" if trial.value is None
-               else f"validation accuracy {trial.value:.4f}")
+    outcome = (
+        f"failed: {trial.user_attrs.get('fail_reason') or 'see above'}"
+        if trial.value is None
+        else f"validation accuracy {trial.value:.4f}"
+    )
     best = ""
     if study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)):
         best = f"; best so far {study.best_value:.4f} (trial {study.best_trial.number})"
@@ -221,44 +246,59 @@ def print_top(complete: list, seconds: float) -> None:
     print(f"\ntune: top {len(ranked)} of {len(complete)} completed trials (this session {seconds / 60:.1f} min):")
     print("  trial  val_accuracy  " + "  ".join(f"{key:>20}" for key in keys) + "  mlflow run")
     for trial in ranked:
-        print(f"  {trial.number:>5}  {trial.value:>12.4f}  " + "  ".join(f"{trial.params[key]!s:>20}" for key in keys)
-              + f"  {trial.user_attrs.get('mlflow_run_id', '')}")
+        print(
+            f"  {trial.number:>5}  {trial.value:>12.4f}  "
+            + "  ".join(f"{trial.params[key]!s:>20}" for key in keys)
+            + f"  {trial.user_attrs.get('mlflow_run_id', '')}"
+        )
 
 
 def write_preset(study, finished: int) -> None:
     best = study.best_trial
-    lines = ["# @package _global_",
-             f"# Written by `make tune`: the best of {finished} trials of study {study.study_name!r}, chosen on",
-             f"# validation accuracy ({best.value:.4f}, trial {best.number}); the test set played no part.",
-             "# `make sweep SETTINGS=tuned SEEDS=3` re-runs it, `make compare` shows it beside the article's four."]
+    lines = [
+        "# @package _global_",
+        f"# Written by `make tune`: the best of {finished} trials of study {study.study_name!r}, chosen on",
+        f"# validation accuracy ({best.value:.4f}, trial {best.number}); the test set played no part.",
+        "# `make sweep SETTINGS=tuned SEEDS=3` re-runs it, `make compare` shows it beside the article's four.",
+    ]
     sections: dict[str, dict[str, Any]] = {}
     for key, value in best.params.items():
         section, name = key.split(".", 1)
         sections.setdefault(section, {})[name] = value
     text = "\n".join(lines) + "\n" + OmegaConf.to_yaml(OmegaConf.create(sections))
     TUNED_PRESET.write_text(text)
-    print(f"tune: best setting (trial {best.number}, validation accuracy {best.value:.4f}): "
-          f"{' '.join(f'{key}={value}' for key, value in best.params.items())}; written to conf/experiment/tuned.yaml",
-          file=sys.stderr)
+    print(
+        f"tune: best setting (trial {best.number}, validation accuracy {best.value:.4f}): "
+        f"{' '.join(f'{key}={value}' for key, value in best.params.items())}; written to conf/experiment/tuned.yaml",
+        file=sys.stderr,
+    )
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--space", default=os.environ.get("SPACE") or "mlp", help="conf/search/<space>.yaml (env SPACE)")
-    parser.add_argument("--trials", type=int, default=int(os.environ.get("TRIALS") or 20),
-                        help="finished trials the study should hold (env TRIALS)")
-    parser.add_argument("--storage", default=os.environ.get("STUDY_STORAGE") or None,
-                        help="Optuna storage URL (env STUDY_STORAGE; default sqlite:///<project>/optuna.db)")
-    parser.add_argument("--study", default=os.environ.get("STUDY") or None,
-                        help="study name (env STUDY; default: the space's name)")
-    parser.add_argument("--seeds", type=int, default=int(os.environ.get("SEEDS") or 3),
-                        help="re-runs of the best setting, seeds 0..N-1 (env SEEDS; 0: none)")
+    parser.add_argument("--space", default="mlp", help="conf/search/<space>.yaml")
+    parser.add_argument("--trials", type=int, default=20, help="finished trials the study should hold")
+    parser.add_argument("--storage", help="Optuna storage URL (default sqlite:///<project>/optuna.db)")
+    parser.add_argument("--study", help="study name (default: the space's name)")
+    parser.add_argument(
+        "--confirm-seeds",
+        type=int,
+        default=3,
+        help="re-runs of the best setting for `make compare`, seeds 0..N-1 (0: none)",
+    )
     arguments = parser.parse_args()
-    if arguments.trials < 1 or arguments.seeds < 0:
-        parser.error("TRIALS must be >= 1, SEEDS >= 0")
-    guard("tune", tune, arguments.space, arguments.trials, arguments.storage or default_storage(),
-          arguments.study or arguments.space, arguments.seeds,
-          interrupted="the unfinished trial is recorded as failed; `make tune` again continues the study")
+    if arguments.trials < 1 or arguments.confirm_seeds < 0:
+        parser.error("--trials must be >= 1, --confirm-seeds >= 0")
+    guard(
+        "tune",
+        tune,
+        arguments.space,
+        arguments.trials,
+        arguments.storage or default_storage(),
+        arguments.study or arguments.space,
+        arguments.confirm_seeds,
+        interrupted="the unfinished trial is recorded as failed; `make tune` again continues the study",
+    )
 
 
 if __name__ == "__main__":

@@ -15,7 +15,6 @@ TOLERANCE=<absolute> overrides both.
 import argparse
 import json
 import math
-import os
 import subprocess
 import sys
 import tempfile
@@ -26,14 +25,14 @@ import yaml
 from mlflow.exceptions import MlflowException
 from omegaconf import OmegaConf
 
-from pipeline import CALLER_ENVIRONMENT, numerics, tracking
-from pipeline.tracking import git
+from pipeline import numerics, runtime, tracking
 from pipeline.config import PARAMS_FILE, recorded_composition
-from pipeline.errors import PipelineError, guard
 from pipeline.data_io import METRICS_FILE
+from pipeline.errors import PipelineError, guard
+from pipeline.tracking import git
 
 # How far each metric may move when only the numeric environment changes. Measured by
-# `make numerics` (bench/numerics.md: oneDNN on/off, its ISA capped, 1 or 2 threads) and set with a
+# `make numerics` (bench/numeric_environments.md: oneDNN on/off, its ISA capped, 1 or 2 threads) and set with a
 # margin above the largest move seen there; the seed-to-seed spread of the comparison table
 # (about 0.2 pp of accuracy) is larger still, so a real regression does not hide inside it.
 CROSS_ENVIRONMENT_TOLERANCE = {
@@ -68,9 +67,11 @@ def expected_from_run(run_id: str) -> tuple[str, dict, dict, dict | None]:
         raise PipelineError(f"no run {run_id} in {tracking.tracking_uri()}") from None
     tags = run.data.tags
     if tags.get("git.dirty") != "false" or tags.get("git.commit", "unknown") == "unknown":
-        raise PipelineError(f"run {run_id} was made from a working tree with uncommitted changes "
-                            f"(git.dirty={tags.get('git.dirty')}): no commit holds its code. "
-                            "Commit the change and run again to get a reproducible run")
+        raise PipelineError(
+            f"run {run_id} was made from a working tree with uncommitted changes "
+            f"(git.dirty={tags.get('git.dirty')}): no commit holds its code. "
+            "Commit the change and run again to get a reproducible run"
+        )
     return tags["git.commit"], run.data.metrics, run.data.params, numerics.from_tags(tags) or None
 
 
@@ -87,7 +88,7 @@ def apply_params(worktree: Path, params: dict[str, str]) -> None:
 
 def dvc(worktree: Path, *arguments: str) -> None:
     # The worktree is its own DVC project: DVC_ROOT must not point back at this repository.
-    env = {key: value for key, value in CALLER_ENVIRONMENT.items() if key != "DVC_ROOT"}
+    env = {key: value for key, value in runtime.caller_environment.items() if key != "DVC_ROOT"}
     result = subprocess.run(["dvc", *arguments], cwd=worktree, env=env)
     if result.returncode != 0:
         raise PipelineError(f"`dvc {' '.join(arguments)}` failed in the worktree (exit {result.returncode})")
@@ -100,17 +101,20 @@ def tolerances(reference: dict | None, here: dict | None, override: float | None
         return {}, override
     if reference is None or here is None:
         missing = "the reference" if reference is None else "this reproduction"
-        print(f"reproduce: {missing} records no numeric environment ({numerics.NUMERICS_FILE} is missing, "
-              "made by an older version): treated as a different one; bit-identity is not expected",
-              file=sys.stderr)
+        print(
+            f"reproduce: {missing} records no numeric environment ({numerics.NUMERICS_FILE} is missing, "
+            "made by an older version): treated as a different one; bit-identity is not expected",
+            file=sys.stderr,
+        )
         return CROSS_ENVIRONMENT_TOLERANCE, 0.0
     differing = numerics.differences(reference, here)
     if not differing:
-        print("reproduce: same numeric environment as the reference: the metrics must match exactly",
-              file=sys.stderr)
+        print("reproduce: same numeric environment as the reference: the metrics must match exactly", file=sys.stderr)
         return {}, 0.0
-    print("reproduce: the numeric environment differs from the reference's; bit-identity is not expected:",
-          file=sys.stderr)
+    print(
+        "reproduce: the numeric environment differs from the reference's; bit-identity is not expected:",
+        file=sys.stderr,
+    )
     for line in differing:
         print(f"  {line}", file=sys.stderr)
     return CROSS_ENVIRONMENT_TOLERANCE, 0.0
@@ -123,8 +127,9 @@ def match_metrics(expected: dict, actual: dict, tolerance: dict[str, float], def
     for key in sorted(set(expected) | set(actual)):
         want, got = expected.get(key), actual.get(key)
         allowed = tolerance.get(key, default)
-        same = want == got or (isinstance(want, float) and isinstance(got, float)
-                               and math.isclose(want, got, rel_tol=0, abs_tol=allowed))
+        same = want == got or (
+            isinstance(want, float) and isinstance(got, float) and math.isclose(want, got, rel_tol=0, abs_tol=allowed)
+        )
         verdict = "no" if not same else "yes" if want == got else "within"
         print(f"{key:<18} {want!r:>22} {got!r:>22} {allowed:>10g}  {verdict}")
         if not same:
@@ -135,8 +140,9 @@ def match_metrics(expected: dict, actual: dict, tolerance: dict[str, float], def
 def reproduce(revision: str | None, run_id: str | None, tolerance: float | None) -> None:
     if bool(revision) == bool(run_id):
         raise PipelineError("give exactly one of REV=<commit, tag or branch> (e.g. REV=HEAD) or RUN=<mlflow run id>")
-    commit, expected, params, reference_environment = (expected_from_run(run_id) if run_id
-                                                       else expected_from_revision(revision))
+    commit, expected, params, reference_environment = (
+        expected_from_run(run_id) if run_id else expected_from_revision(revision)
+    )
     root = Path(git("rev-parse", "--show-toplevel", check=True))
     from dvc.repo import Repo
 
@@ -168,20 +174,27 @@ def reproduce(revision: str | None, run_id: str | None, tolerance: float | None)
     per_metric, default = tolerances(reference_environment, environment, tolerance)
     differing = match_metrics(expected, actual, per_metric, default)
     if differing:
-        raise PipelineError(f"reproduction differs from {revision or run_id} in {', '.join(differing)} "
-                            "beyond " + ("their tolerance" if per_metric else f"tolerance {default}"))
+        raise PipelineError(
+            f"reproduction differs from {revision or run_id} in {', '.join(differing)} "
+            "beyond " + ("their tolerance" if per_metric else f"tolerance {default}")
+        )
     exact = all(expected.get(key) == actual.get(key) for key in actual)
-    print(f"\nreproduce: all {len(expected)} metrics match " + ("exactly" if exact else "within tolerance"),
-          file=sys.stderr)
+    print(
+        f"\nreproduce: all {len(expected)} metrics match " + ("exactly" if exact else "within tolerance"),
+        file=sys.stderr,
+    )
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rev", default=os.environ.get("REV") or None)
-    parser.add_argument("--run", default=os.environ.get("RUN") or None)
-    parser.add_argument("--tolerance", type=float, default=float(os.environ["TOLERANCE"]) if os.environ.get("TOLERANCE") else None,
-                        help="absolute tolerance for every metric (env TOLERANCE; default: 0 in the reference's "
-                             "numeric environment, CROSS_ENVIRONMENT_TOLERANCE elsewhere)")
+    parser.add_argument("--rev", help="a commit or tag whose stages to rerun (default: HEAD)")
+    parser.add_argument("--run", help="an MLflow run id whose commit and overrides to rerun")
+    parser.add_argument(
+        "--tolerance",
+        type=float,
+        help="absolute tolerance for every metric (default: 0 in the reference's numeric "
+        "environment, CROSS_ENVIRONMENT_TOLERANCE elsewhere)",
+    )
     arguments = parser.parse_args()
     guard("reproduce", reproduce, arguments.rev, arguments.run, arguments.tolerance)
 

@@ -35,8 +35,11 @@ def sweep(settings: list[str], seeds: int, jobs: int, devices: list[str], force:
             hash_ = training_hash(overrides)
             existing = tracked_run_id(hash_, commit) if code_is_clean and not force else None
             if existing:
-                print(f"sweep: {name} already tracked as run {existing} (same config and commit); "
-                      "skipping (FORCE=1 to retrain)", file=sys.stderr)
+                print(
+                    f"sweep: {name} already tracked as run {existing} (same config and commit); "
+                    "skipping (FORCE=1 to retrain)",
+                    file=sys.stderr,
+                )
                 continue
             queue_experiment(name, setting, overrides, force)
             queued[name] = hash_
@@ -62,13 +65,17 @@ def sweep(settings: list[str], seeds: int, jobs: int, devices: list[str], force:
         elif not earlier:
             (uncommitted if tracked_run_id(hash_, commit=None) else missing).append(name)
     if missing:
-        raise PipelineError(f"no finished MLflow run for {', '.join(missing)} in {tracking.tracking_uri()}; "
-                            "see `dvc queue logs <name>`, or retrain with FORCE=1")
+        raise PipelineError(
+            f"no finished MLflow run for {', '.join(missing)} in {tracking.tracking_uri()}; "
+            "see `dvc queue logs <name>`, or retrain with FORCE=1"
+        )
     if uncommitted:
         settings = " ".join(sorted({name.rsplit("-seed", 1)[0] for name in uncommitted}))
-        raise PipelineError(f"DVC restored {', '.join(uncommitted)} from its run cache, and the only run of that "
-                            "config was logged from uncommitted code (tag git.dirty), which `make reproduce RUN=` "
-                            f"cannot rebuild; retrain with `make sweep SETTINGS=\"{settings}\" FORCE=1`")
+        raise PipelineError(
+            f"DVC restored {', '.join(uncommitted)} from its run cache, and the only run of that "
+            "config was logged from uncommitted code (tag git.dirty), which `make reproduce RUN=` "
+            f'cannot rebuild; retrain with `make sweep SETTINGS="{settings}" FORCE=1`'
+        )
     print(f"sweep: {len(queued)} experiments tracked; `make compare` tabulates them", file=sys.stderr)
 
 
@@ -97,16 +104,19 @@ def start_workers(jobs: int, devices: list[str]) -> None:
         environment = dict(os.environ)
         if devices:
             environment["CUDA_VISIBLE_DEVICES"] = devices[(number - 1) % len(devices)]
-        subprocess.run(["dvc", "queue", "start", "--jobs", str(number)], env=environment, check=True,
-                       stdout=subprocess.DEVNULL)
+        subprocess.run(
+            ["dvc", "queue", "start", "--jobs", str(number)], env=environment, check=True, stdout=subprocess.DEVNULL
+        )
         deadline = time.monotonic() + 60
         while queue_workers() < number:  # wait until it is up, or the next call would start it again
             if time.monotonic() > deadline:
                 raise PipelineError(f"DVC queue worker {number} did not start within 60 s; see `dvc queue status`")
             time.sleep(0.5)
         if devices:
-            print(f"sweep: queue worker {number} uses CUDA_VISIBLE_DEVICES={environment['CUDA_VISIBLE_DEVICES']}",
-                  file=sys.stderr)
+            print(
+                f"sweep: queue worker {number} uses CUDA_VISIBLE_DEVICES={environment['CUDA_VISIBLE_DEVICES']}",
+                file=sys.stderr,
+            )
 
 
 def queue_workers() -> int:
@@ -120,8 +130,9 @@ def queue_workers() -> int:
 def visible_gpus() -> list[str]:
     """The GPUs nvidia-smi lists (none without it): by default one per queue worker, round robin."""
     try:
-        listed = subprocess.run(["nvidia-smi", "--query-gpu=index", "--format=csv,noheader"],
-                                capture_output=True, text=True, check=True).stdout
+        listed = subprocess.run(
+            ["nvidia-smi", "--query-gpu=index", "--format=csv,noheader"], capture_output=True, text=True, check=True
+        ).stdout
     except (OSError, subprocess.CalledProcessError):
         return []
     return listed.split()
@@ -137,37 +148,51 @@ def tracked_run_id(hash_: str, commit: str | None, sweep: str | None = None, cle
         conditions.append("tags.`git.dirty` = 'false'")
     if sweep:
         conditions.append(f"tags.sweep = '{sweep}'")
-    runs = mlflow.search_runs(experiment_ids=[tracking.experiment_id()], output_format="list", max_results=1,
-                              filter_string=" and ".join(conditions), order_by=["attributes.start_time DESC"])
+    runs = mlflow.search_runs(
+        experiment_ids=[tracking.experiment_id()],
+        output_format="list",
+        max_results=1,
+        filter_string=" and ".join(conditions),
+        order_by=["attributes.start_time DESC"],
+    )
     return runs[0].info.run_id if runs else None
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("settings", nargs="*", default=SETTINGS[:4],
-                        help=f"from conf/experiment/ (default: the four reference settings; all: {', '.join(SETTINGS)})")
-    parser.add_argument("--seeds", type=int, default=int(os.environ.get("SEEDS", 1)), help="seeds 0..N-1 (env SEEDS)")
-    parser.add_argument("--jobs", type=int, default=int(os.environ.get("JOBS", 1)), help="parallel queue workers (env JOBS)")
-    parser.add_argument("--devices", default=os.environ.get("DEVICES"),
-                        help="GPU indices for the queue workers, e.g. 0,1: worker k gets one of them as its "
-                             "CUDA_VISIBLE_DEVICES, round robin (env DEVICES; default: every GPU nvidia-smi lists)")
-    parser.add_argument("--force", action="store_true", default=bool(os.environ.get("FORCE")),
-                        help="retrain even when a tracked run exists (env FORCE=1)")
+    parser.add_argument(
+        "settings",
+        nargs="*",
+        default=SETTINGS[:4],
+        help=f"from conf/experiment/ (default: the four reference settings; all: {', '.join(SETTINGS)})",
+    )
+    parser.add_argument("--seeds", type=int, default=1, help="seeds 0..N-1 of each setting")
+    parser.add_argument("--jobs", type=int, default=1, help="parallel queue workers")
+    parser.add_argument(
+        "--devices",
+        help="GPU indices for the queue workers, e.g. 0,1: worker k gets one of them as its "
+        "CUDA_VISIBLE_DEVICES, round robin (default: every GPU nvidia-smi lists)",
+    )
+    parser.add_argument("--force", action="store_true", help="retrain even when a tracked run exists")
     arguments = parser.parse_args()
 
     def checked_sweep() -> None:
         if arguments.seeds < 1 or arguments.jobs < 1:
-            raise PipelineError("SEEDS and JOBS must be >= 1")
+            raise PipelineError("--seeds and --jobs must be >= 1")
         unknown = sorted(set(arguments.settings) - set(SETTINGS))
         if unknown:
             raise PipelineError(f"unknown setting {unknown[0]!r}; allowed: {', '.join(SETTINGS)} (conf/experiment/)")
         if "tuned" in arguments.settings and not TUNED_PRESET.exists():
-            raise PipelineError(f"{TUNED_PRESET.relative_to(CONF_DIR.parent)} does not exist yet: `make tune` writes it")
+            raise PipelineError(
+                f"{TUNED_PRESET.relative_to(CONF_DIR.parent)} does not exist yet: `make tune` writes it"
+            )
         devices = arguments.devices.split(",") if arguments.devices else visible_gpus()
         try:
             sweep(arguments.settings, arguments.seeds, arguments.jobs, devices, arguments.force)
         except subprocess.CalledProcessError as error:
-            raise PipelineError(f"`{' '.join(error.cmd)}` failed (exit {error.returncode}); see its output above") from None
+            raise PipelineError(
+                f"`{' '.join(error.cmd)}` failed (exit {error.returncode}); see its output above"
+            ) from None
 
     guard("sweep", checked_sweep, interrupted="`make sweep` again skips the settings already tracked")
 

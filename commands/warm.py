@@ -38,6 +38,7 @@ import traceback
 from pathlib import Path
 
 from pipeline import project_root
+from pipeline.data_io import TRAINING_INPUTS
 
 # One warm process per project (queued experiments find theirs through DVC_ROOT): its pid and log in
 # DVC's scratch folder, its socket in a folder of this user's that only they can open, as tmux does,
@@ -48,20 +49,53 @@ LOG_FILE = FOLDER / "log"
 SOCKETS = Path(os.environ.get("XDG_RUNTIME_DIR") or tempfile.gettempdir()) / f"mnist-pipeline-{os.getuid()}"
 SOCKET = SOCKETS / hashlib.sha256(os.fsencode(project_root().resolve())).hexdigest()[:16]
 # The modules DVC runs (dvc.yaml): what they import at the top is what the warm process preloads.
-STAGES = ("pipeline.config", "pipeline.download", "pipeline.preprocess", "pipeline.train", "pipeline.evaluate",
-          "pipeline.error_analysis")
+STAGES = (
+    "pipeline.config",
+    "pipeline.download",
+    "pipeline.preprocess",
+    "pipeline.train",
+    "pipeline.evaluate",
+    "pipeline.error_analysis",
+)
 # Imported by the stages only when needed, but by every run.
 LATER_IMPORTS = ("mlflow.store.tracking.sqlalchemy_store", "mlflow.keras", "matplotlib.pyplot")
 # Variables that the preloaded libraries read while importing: a fork cannot take other values.
-IMPORT_TIME_VARIABLES = ("TF_", "KERAS_", "ONEDNN_", "DNNL_", "MKL", "KMP_", "OMP_", "OPENBLAS_", "CUDA", "NVIDIA_",
-                         "XLA_", "LD_", "PYTHON", "MPL", "MLFLOW_", "XDG_", "HOME")
+IMPORT_TIME_VARIABLES = (
+    "TF_",
+    "KERAS_",
+    "ONEDNN_",
+    "DNNL_",
+    "MKL",
+    "KMP_",
+    "OMP_",
+    "OPENBLAS_",
+    "CUDA",
+    "NVIDIA_",
+    "XLA_",
+    "LD_",
+    "PYTHON",
+    "MPL",
+    "MLFLOW_",
+    "XDG_",
+    "HOME",
+)
 
 
-def fingerprint() -> dict:
+def process_fingerprint() -> dict:
     """What a stage's process must share with the warm process to run as a fork of it."""
-    return {"Python": [sys.version, os.path.realpath(sys.prefix)],  # the venv, whichever link leads to it
-            "installed packages": os.stat(sysconfig.get_paths()["purelib"]).st_mtime_ns,  # pip (un)installing changes it
-            "variables": {key: value for key, value in os.environ.items() if key.startswith(IMPORT_TIME_VARIABLES)}}
+    return {
+        "Python": [sys.version, os.path.realpath(sys.prefix)],  # the venv, whichever link leads to it
+        "installed packages": os.stat(sysconfig.get_paths()["purelib"]).st_mtime_ns,  # pip (un)installing changes it
+        # The environment half of what shapes the weights (the code half is imported fresh by each fork).
+        "locks": hashlib.sha256(
+            b"".join(
+                (project_root() / path).read_bytes()
+                for path in TRAINING_INPUTS
+                if not path.endswith(".py") and (project_root() / path).exists()
+            )
+        ).hexdigest(),
+        "variables": {key: value for key, value in os.environ.items() if key.startswith(IMPORT_TIME_VARIABLES)},
+    }
 
 
 def hand_over(module: str) -> None:
@@ -76,8 +110,13 @@ def hand_over(module: str) -> None:
         return  # a warm process that ended without removing its socket
     if peer_uid(connection) != os.getuid():
         return
-    request = {"module": module, "arguments": sys.argv[1:], "directory": os.getcwd(), "environment": dict(os.environ),
-               "fingerprint": fingerprint()}
+    request = {
+        "module": module,
+        "arguments": sys.argv[1:],
+        "directory": os.getcwd(),
+        "environment": dict(os.environ),
+        "fingerprint": process_fingerprint(),
+    }
     try:
         socket.send_fds(connection, [json.dumps(request).encode() + b"\n"], [0, 1, 2])
     except OSError:
@@ -91,18 +130,20 @@ def hand_over(module: str) -> None:
         signal.signal(number, lambda number, _: os.kill(answer["pid"], number))
     ended = json.loads(answers.readline() or "{}")
     if "exit" not in ended:
-        sys.exit(f"error: warm: the warm process ended during {module}; run it again (`make cold` stops the warm "
-                 f"process; its log: {LOG_FILE})")
+        sys.exit(
+            f"error: warm: the warm process ended during {module}; run it again (`make cold` stops the warm "
+            f"process; its log: {LOG_FILE})"
+        )
     if ended["exit"] < 0:  # the stage died of a signal: so does its stand-in
         signal.signal(-ended["exit"], signal.SIG_DFL)
         os.kill(os.getpid(), -ended["exit"])
     sys.exit(ended["exit"])
 
 
-def serve(idle_minutes: float) -> dict | None:
+def listen_for_stages(idle_minutes: float) -> dict | None:
     """Preloads, then forks one stage per connection until idle_minutes pass without one. Returns
     only in a stage's fork, with that stage's request; the warm process itself exits here."""
-    started, expected, environment = time.monotonic(), fingerprint(), dict(os.environ)
+    started, expected, environment = time.monotonic(), process_fingerprint(), dict(os.environ)
     preload()
     # Set by the libraries while importing (scikit-learn's KMP_* for OpenMP): a stage's own process has them too.
     set_by_imports = {key: value for key, value in os.environ.items() if environment.get(key) != value}
@@ -178,10 +219,18 @@ def supervise(connection: socket.socket, expected: dict) -> dict:
     if request["fingerprint"] != expected:
         ours, theirs = expected["variables"], request["fingerprint"]["variables"]
         named = sorted(key for key in {*ours, *theirs} if ours.get(key) != theirs.get(key))
-        what = ", ".join(", ".join(named) if key == "variables" else key for key in expected
-                         if request["fingerprint"][key] != expected[key])
-        send(connection, {"cold": f"the warm process was started in another environment ({what} differ); "
-                                  "`make cold`, then `make warm` in this one"})
+        what = ", ".join(
+            ", ".join(named) if key == "variables" else key
+            for key in expected
+            if request["fingerprint"][key] != expected[key]
+        )
+        send(
+            connection,
+            {
+                "cold": f"the warm process was started in another environment ({what} differ); "
+                "`make cold`, then `make warm` in this one"
+            },
+        )
         os._exit(0)
     stage = os.fork()
     if stage == 0:
@@ -208,8 +257,10 @@ def supervise(connection: socket.socket, expected: dict) -> dict:
     except OSError:
         pass  # the stand-in is gone
     with LOG_FILE.open("a") as log:
-        log.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {request['module']} in {request['directory']}: "
-                  f"exit {exit_code} after {time.monotonic() - began:.1f} s\n")
+        log.write(
+            f"{time.strftime('%Y-%m-%d %H:%M:%S')} {request['module']} in {request['directory']}: "
+            f"exit {exit_code} after {time.monotonic() - began:.1f} s\n"
+        )
     os._exit(0)
 
 
@@ -217,7 +268,7 @@ def send(connection: socket.socket, message: dict) -> None:
     connection.sendall(json.dumps(message).encode() + b"\n")
 
 
-def run_stage(request: dict) -> None:
+def run_forked_stage(request: dict) -> None:
     """In the stage's fork: become `python -m <module>` as its stand-in was started."""
     os.chdir(request["directory"])
     os.environ.clear()
@@ -273,14 +324,22 @@ def start(idle_minutes: float) -> None:
     SOCKET.unlink(missing_ok=True)
     print("warm: importing TensorFlow, Keras, MLflow, scikit-learn, pandas, matplotlib, Hydra ...", file=sys.stderr)
     with LOG_FILE.open("a") as log:
-        process = subprocess.Popen([sys.executable, "-m", "pipeline.warm", "serve", "--idle-minutes", str(idle_minutes)],
-                                   stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True)
+        process = subprocess.Popen(
+            [sys.executable, "-m", "commands.warm", "serve", "--idle-minutes", str(idle_minutes)],
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=log,
+            start_new_session=True,
+        )
     while not SOCKET.exists():
         if process.poll() is not None:
             sys.exit(f"error: warm: the warm process failed to start (exit {process.returncode}); see {LOG_FILE}")
         time.sleep(0.1)
-    print(f"warm: ready (pid {process.pid}): stages now start as forks of it; it stops after {idle_minutes:g} "
-          "minutes without a stage, or with `make cold`", file=sys.stderr)
+    print(
+        f"warm: ready (pid {process.pid}): stages now start as forks of it; it stops after {idle_minutes:g} "
+        "minutes without a stage, or with `make cold`",
+        file=sys.stderr,
+    )
 
 
 def private(folder: Path) -> bool:
@@ -300,7 +359,7 @@ def warm_pid() -> int | None:
         command = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
     except (OSError, ValueError):
         return None
-    return pid if command[1:4] == [b"-m", b"pipeline.warm", b"serve"] else None
+    return pid if command[1:4] == [b"-m", b"commands.warm", b"serve"] else None
 
 
 def running() -> bool:
@@ -329,9 +388,9 @@ def main() -> None:
     elif arguments.action == "stop":
         stop()
     else:
-        request = serve(arguments.idle_minutes)
+        request = listen_for_stages(arguments.idle_minutes)
         if request:
-            run_stage(request)
+            run_forked_stage(request)
 
 
 if __name__ == "__main__":

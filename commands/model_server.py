@@ -24,12 +24,18 @@ ALIAS = "champion"
 
 
 def latest_training_run() -> str:
-    runs = mlflow.search_runs(experiment_ids=[tracking.experiment_id()], output_format="list", max_results=1,
-                              filter_string="attributes.status = 'FINISHED' and metrics.test_accuracy >= 0",
-                              order_by=["attributes.start_time DESC"])
+    runs = mlflow.search_runs(
+        experiment_ids=[tracking.experiment_id()],
+        output_format="list",
+        max_results=1,
+        filter_string="attributes.status = 'FINISHED' and metrics.test_accuracy >= 0",
+        order_by=["attributes.start_time DESC"],
+    )
     if not runs:
-        raise PipelineError(f"no finished, evaluated training run in {tracking.tracking_uri()}; "
-                            "train one with `make run`, or name one with RUN=<run id>")
+        raise PipelineError(
+            f"no finished, evaluated training run in {tracking.tracking_uri()}; "
+            "train one with `make run`, or name one with RUN=<run id>"
+        )
     return runs[0].info.run_id
 
 
@@ -53,8 +59,22 @@ def serve(run_id: str | None, model: str | None, host: str, port: int) -> None:
     sys.stdout.flush()
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     # The environment is this venv's (--env-manager local): the model was trained with it.
-    os.execvp("mlflow", ["mlflow", "models", "serve", "--model-uri", uri, "--env-manager", "local",
-                         "--host", host, "--port", str(port)])
+    os.execvp(
+        "mlflow",
+        [
+            "mlflow",
+            "models",
+            "serve",
+            "--model-uri",
+            uri,
+            "--env-manager",
+            "local",
+            "--host",
+            host,
+            "--port",
+            str(port),
+        ],
+    )
 
 
 @tracking.store_faults()
@@ -66,33 +86,39 @@ def promote(run_id: str | None) -> None:
         raise PipelineError(f"no run {run_id} in {tracking.tracking_uri()} (or it is deleted)")
     version = mlflow.register_model(f"runs:/{run_id}/model", REGISTERED_MODEL)
     mlflow.MlflowClient().set_registered_model_alias(REGISTERED_MODEL, ALIAS, version.version)
-    print(f"promote: run {run_id} is {REGISTERED_MODEL} version {version.version}, alias @{ALIAS}; "
-          f"serve it with `make serve MODEL=models:/{REGISTERED_MODEL}@{ALIAS}`", file=sys.stderr)
+    print(
+        f"promote: run {run_id} is {REGISTERED_MODEL} version {version.version}, alias @{ALIAS}; "
+        f"serve it with `make serve MODEL=models:/{REGISTERED_MODEL}@{ALIAS}`",
+        file=sys.stderr,
+    )
 
 
 def example(index: int) -> None:
     images, labels = load_split("test")
     if not 0 <= index < len(labels):
         raise PipelineError(f"--index must be between 0 and {len(labels) - 1}, got {index}")
-    print(json.dumps({"inputs": np.asarray(images[index:index + 1]).round(4).tolist()}))
+    print(json.dumps({"inputs": np.asarray(images[index : index + 1]).round(4).tolist()}))
     print(f"example: test image {index}, a {labels[index]}", file=sys.stderr)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
-    serving = commands.add_parser("serve", help="serve a logged model (env RUN or MODEL)")
+    serving = commands.add_parser("serve", help="serve a logged model (default: the latest training run's)")
     serving.add_argument("--host", default="127.0.0.1")
     serving.add_argument("--port", type=int, default=5001)
-    commands.add_parser("promote", help="register RUN's model and point the champion alias at it")
+    chosen = serving.add_mutually_exclusive_group()
+    chosen.add_argument("--run", help="the MLflow run id whose model to serve")
+    chosen.add_argument("--model", help="a registered model URI, e.g. models:/mnist-classifier@champion")
+    promoting = commands.add_parser("promote", help="register a run's model and point the champion alias at it")
+    promoting.add_argument("--run", help="the MLflow run id (default: the latest training run)")
     one = commands.add_parser("example", help="one test image as the server's JSON input")
     one.add_argument("--index", type=int, default=0)
     arguments = parser.parse_args()
-    run_id, model = os.environ.get("RUN") or None, os.environ.get("MODEL") or None
     if arguments.command == "serve":
-        guard("serve", serve, run_id, model, arguments.host, arguments.port)
+        guard("serve", serve, arguments.run, arguments.model, arguments.host, arguments.port)
     elif arguments.command == "promote":
-        guard("promote", promote, run_id)
+        guard("promote", promote, arguments.run)
     else:
         guard("example", example, arguments.index)
 

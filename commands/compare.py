@@ -26,7 +26,6 @@ from pipeline.config import CONF_DIR, SETTINGS, TUNED_PRESET, training_hash
 from pipeline.data_io import REPORTS_DIR, atomic_write_text, pyplot, save_figure, write_csv
 from pipeline.errors import PipelineError, guard
 
-
 # The source article's figures for its MLP, claimed as measured MNIST test accuracy.
 CLAIMED_ACCURACY = {"default": 0.9923, "lr_x10": 0.9912, "batch_x10": 0.9911, "epochs_x10": 0.9935}
 MARKDOWN_FILE = REPORTS_DIR / "comparison.md"
@@ -40,19 +39,27 @@ UNCOMMITTED_MARK = "†"
 
 def setting_runs() -> dict[str, list[mlflow.entities.Run]]:
     """{setting: its latest finished, evaluated run per seed, of committed code when there is one}."""
-    hashes = {training_hash([f"+experiment={name}"], without_seed=True): name
-              for name in SETTINGS if (CONF_DIR / "experiment" / f"{name}.yaml").exists()}
-    runs = mlflow.search_runs(experiment_ids=[tracking.experiment_id()], output_format="list",
-                              filter_string="attributes.status = 'FINISHED' and metrics.test_accuracy >= 0",
-                              order_by=["attributes.start_time DESC"])
+    hashes = {
+        training_hash([f"+experiment={name}"], without_seed=True): name
+        for name in SETTINGS
+        if (CONF_DIR / "experiment" / f"{name}.yaml").exists()
+    }
+    runs = mlflow.search_runs(
+        experiment_ids=[tracking.experiment_id()],
+        output_format="list",
+        filter_string="attributes.status = 'FINISHED' and metrics.test_accuracy >= 0",
+        order_by=["attributes.start_time DESC"],
+    )
     chosen: dict[str, dict[str, mlflow.entities.Run]] = {name: {} for name in SETTINGS}
     for run in runs:  # newest first
         setting = hashes.get(run.data.tags.get("config.hash_without_seed"))
         seed = run.data.params.get("train.seed")
         if setting and (seed not in chosen[setting] or uncommitted(chosen[setting][seed]) and not uncommitted(run)):
             chosen[setting][seed] = run
-    return {name: sorted(by_seed.values(), key=lambda run: int(run.data.params["train.seed"]))
-            for name, by_seed in chosen.items()}
+    return {
+        name: sorted(by_seed.values(), key=lambda run: int(run.data.params["train.seed"]))
+        for name, by_seed in chosen.items()
+    }
 
 
 def uncommitted(run: mlflow.entities.Run) -> bool:
@@ -67,23 +74,26 @@ def summary_table(runs_by_setting: dict) -> pd.DataFrame:
             continue  # an optional preset nobody ran
         accuracies = np.array([run.data.metrics["test_accuracy"] for run in runs])
         params = runs[0].data.params if runs else {}
-        rows.append({
-            "setting": setting,
-            "model": params.get("model.name", ""),
-            "epochs": params.get("train.epochs", ""),
-            "batch_size": params.get("train.batch_size", ""),
-            "learning_rate": params.get("train.learning_rate", ""),
-            "schedule": params.get("train.schedule", "constant"),
-            "hidden_units": params.get("model.hidden_units", ""),
-            "n": len(runs),
-            "test_accuracy_mean": accuracies.mean() if len(runs) else np.nan,
-            "test_accuracy_std": accuracies.std(ddof=1) if len(runs) > 1 else np.nan,
-            "claimed_test_accuracy": CLAIMED_ACCURACY.get(setting, np.nan),
-            "fit_seconds_mean": np.mean([run.data.metrics.get("fit_seconds", np.nan) for run in runs])
-            if runs else np.nan,
-            "run_ids": " ".join(run.info.run_id for run in runs),
-            "uncommitted_run_ids": " ".join(run.info.run_id for run in runs if uncommitted(run)),
-        })
+        rows.append(
+            {
+                "setting": setting,
+                "model": params.get("model.name", ""),
+                "epochs": params.get("train.epochs", ""),
+                "batch_size": params.get("train.batch_size", ""),
+                "learning_rate": params.get("train.learning_rate", ""),
+                "schedule": params.get("train.schedule", "constant"),
+                "hidden_units": params.get("model.hidden_units", ""),
+                "n": len(runs),
+                "test_accuracy_mean": accuracies.mean() if len(runs) else np.nan,
+                "test_accuracy_std": accuracies.std(ddof=1) if len(runs) > 1 else np.nan,
+                "claimed_test_accuracy": CLAIMED_ACCURACY.get(setting, np.nan),
+                "fit_seconds_mean": np.mean([run.data.metrics.get("fit_seconds", np.nan) for run in runs])
+                if runs
+                else np.nan,
+                "run_ids": " ".join(run.info.run_id for run in runs),
+                "uncommitted_run_ids": " ".join(run.info.run_id for run in runs if uncommitted(run)),
+            }
+        )
     return pd.DataFrame(rows)
 
 
@@ -92,9 +102,16 @@ def per_class_table(runs_by_setting: dict) -> pd.DataFrame:
     columns = {}
     with tempfile.TemporaryDirectory() as scratch:
         for setting, runs in runs_by_setting.items():
-            tables = [pd.read_csv(mlflow.artifacts.download_artifacts(
-                run_id=run.info.run_id, artifact_path="error_analysis/per_class.csv", dst_path=f"{scratch}/{run.info.run_id}"))
-                for run in runs]
+            tables = [
+                pd.read_csv(
+                    mlflow.artifacts.download_artifacts(
+                        run_id=run.info.run_id,
+                        artifact_path="error_analysis/per_class.csv",
+                        dst_path=f"{scratch}/{run.info.run_id}",
+                    )
+                )
+                for run in runs
+            ]
             if tables:
                 columns[setting] = pd.concat(tables).groupby("digit").accuracy.mean()
     return pd.DataFrame(columns).rename_axis("digit")
@@ -112,34 +129,55 @@ def setting_label(setting: str) -> str:
 
 def markdown(summary: pd.DataFrame, per_class: pd.DataFrame) -> str:
     lines = [
-        "| setting | model | hidden units | epochs | batch | learning rate | measured test accuracy | n | claimed | fit time | runs |",
+        "| setting | model | hidden units | epochs | batch | learning rate | measured test accuracy | n | claimed "
+        "| fit time | runs |",
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for row in summary.itertuples():
-        measured = "not run" if row.n == 0 else percent(row.test_accuracy_mean) + (
-            f" ± {row.test_accuracy_std:.2%}" if row.n > 1 else "")
+        measured = (
+            "not run"
+            if row.n == 0
+            else percent(row.test_accuracy_mean) + (f" ± {row.test_accuracy_std:.2%}" if row.n > 1 else "")
+        )
         fit = "—" if pd.isna(row.fit_seconds_mean) else f"{row.fit_seconds_mean:.0f} s"
-        runs = ", ".join(f"`{run_id[:8]}`" + (UNCOMMITTED_MARK if run_id in row.uncommitted_run_ids.split() else "")
-                         for run_id in row.run_ids.split())
+        runs = ", ".join(
+            f"`{run_id[:8]}`" + (UNCOMMITTED_MARK if run_id in row.uncommitted_run_ids.split() else "")
+            for run_id in row.run_ids.split()
+        )
         learning_rate = f"{float(row.learning_rate):.3g}" if row.learning_rate else ""
         if row.schedule != "constant":
             learning_rate += f" ({row.schedule})"
-        lines.append(f"| {setting_label(row.setting)} | {row.model} | {row.hidden_units or '—'} | {row.epochs} | "
-                     f"{row.batch_size} | {learning_rate} | "
-                     f"{measured} | {row.n} | {percent(row.claimed_test_accuracy)} | {fit} | {runs} |")
-    lines += ["", "Measured: mean ± sample standard deviation over seeds (n runs) on the official "
-              "MNIST test set (10,000 images unless data.limit shrinks it). Claimed: the source article's figure, not reproduced here.", ""]
+        lines.append(
+            f"| {setting_label(row.setting)} | {row.model} | {row.hidden_units or '—'} | {row.epochs} | "
+            f"{row.batch_size} | {learning_rate} | "
+            f"{measured} | {row.n} | {percent(row.claimed_test_accuracy)} | {fit} | {runs} |"
+        )
+    lines += [
+        "",
+        "Measured: mean ± sample standard deviation over seeds (n runs) on the official "
+        "MNIST test set (10,000 images unless data.limit shrinks it). "
+        "Claimed: the source article's figure, not reproduced here.",
+        "",
+    ]
     unrebuildable = summary[summary.uncommitted_run_ids.str.len() > 0].setting
     if len(unrebuildable):
-        lines += [f"{UNCOMMITTED_MARK} Logged from uncommitted code (tag `git.dirty`): no commit rebuilds it with "
-                  "`make reproduce RUN=`. Commit the code and conf/, then `make sweep SETTINGS=\"" +
-                  " ".join(unrebuildable) + "\" FORCE=1`.", ""]
+        lines += [
+            f"{UNCOMMITTED_MARK} Logged from uncommitted code (tag `git.dirty`): no commit rebuilds it with "
+            '`make reproduce RUN=`. Commit the code and conf/, then `make sweep SETTINGS="'
+            + " ".join(unrebuildable)
+            + '" FORCE=1`.',
+            "",
+        ]
     if not per_class.empty:
-        lines += ["Per-digit test accuracy (mean over seeds):", "",
-                  "| digit | " + " | ".join(per_class.columns) + " |",
-                  "| --- |" + " --- |" * len(per_class.columns)]
-        lines += [f"| {digit} | " + " | ".join(percent(value) for value in row) + " |"
-                  for digit, row in per_class.iterrows()]
+        lines += [
+            "Per-digit test accuracy (mean over seeds):",
+            "",
+            "| digit | " + " | ".join(per_class.columns) + " |",
+            "| --- |" + " --- |" * len(per_class.columns),
+        ]
+        lines += [
+            f"| {digit} | " + " | ".join(percent(value) for value in row) + " |" for digit, row in per_class.iterrows()
+        ]
     return "\n".join(lines) + "\n"
 
 
@@ -147,8 +185,15 @@ def plot(runs_by_setting: dict, summary: pd.DataFrame) -> None:
     client = mlflow.MlflowClient()
     figure, (curves, bars) = pyplot().subplots(1, 2, figsize=(12, 4.5), layout="tight")
     for setting, runs in runs_by_setting.items():
-        histories = [[point.value for point in sorted(client.get_metric_history(run.info.run_id, "val_accuracy"),
-                                                       key=lambda point: point.step)] for run in runs]
+        histories = [
+            [
+                point.value
+                for point in sorted(
+                    client.get_metric_history(run.info.run_id, "val_accuracy"), key=lambda point: point.step
+                )
+            ]
+            for run in runs
+        ]
         if histories:
             length = min(map(len, histories))
             curve = np.mean([history[:length] for history in histories], axis=0)
@@ -158,10 +203,22 @@ def plot(runs_by_setting: dict, summary: pd.DataFrame) -> None:
     curves.legend()
     measured = summary[summary.n > 0]
     positions = np.arange(len(measured))
-    bars.bar(positions, measured.test_accuracy_mean * 100, yerr=measured.test_accuracy_std.fillna(0) * 100,
-             capsize=4, label="measured")
-    bars.scatter(positions, measured.claimed_test_accuracy * 100, color="crimson", marker="_", s=400,
-                 zorder=3, label="claimed (article)")
+    bars.bar(
+        positions,
+        measured.test_accuracy_mean * 100,
+        yerr=measured.test_accuracy_std.fillna(0) * 100,
+        capsize=4,
+        label="measured",
+    )
+    bars.scatter(
+        positions,
+        measured.claimed_test_accuracy * 100,
+        color="crimson",
+        marker="_",
+        s=400,
+        zorder=3,
+        label="claimed (article)",
+    )
     bars.set_xticks(positions, measured.setting)
     low = np.nanmin(np.concatenate([measured.test_accuracy_mean, measured.claimed_test_accuracy])) * 100
     bars.set(ylim=(max(0, low - 1), 100), ylabel="test accuracy (%)", title="Test accuracy per setting")
@@ -185,14 +242,18 @@ def check_not_poorer(summary: pd.DataFrame) -> None:
         return
     committed = pd.read_csv(CSV_FILE).set_index("setting").n
     tracked = summary.set_index("setting").n
-    poorer = [f"{setting} ({tracked.get(setting, 0)} of {count} runs)" for setting, count in committed.items()
-              if tracked.get(setting, 0) < count]
+    poorer = [
+        f"{setting} ({tracked.get(setting, 0)} of {count} runs)"
+        for setting, count in committed.items()
+        if tracked.get(setting, 0) < count
+    ]
     if poorer:
         settings = " ".join(setting for setting, count in committed.items() if tracked.get(setting, 0) < count)
         raise PipelineError(
             f"the store {tracking.tracking_uri()} holds fewer runs than {CSV_FILE} for {', '.join(poorer)}; "
-            f"files left as they are. Track them with `make sweep SETTINGS=\"{settings}\" SEEDS={committed.max()}`, "
-            "or write the poorer table anyway with `make compare FORCE=1`")
+            f'files left as they are. Track them with `make sweep SETTINGS="{settings}" SEEDS={committed.max()}`, '
+            "or write the poorer table anyway with `make compare FORCE=1`"
+        )
 
 
 @tracking.store_faults()
@@ -217,8 +278,9 @@ def compare(force: bool) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--force", action="store_true", default=bool(os.environ.get("FORCE")),
-                        help="write the table even when it has fewer runs than the committed one (env FORCE=1)")
+    parser.add_argument(
+        "--force", action="store_true", help="write the table even when it has fewer runs than the committed one"
+    )
     guard("compare", compare, parser.parse_args().force)
 
 
