@@ -272,3 +272,36 @@ def test_a_pid_file_that_names_no_warm_process_is_not_trusted(tmp_path, monkeypa
     if content is not None:
         (tmp_path / "pid").write_text(content)
     assert commands.warm.warm_pid() is None  # this process runs pytest, not `commands.warm serve`
+
+
+# make tune's preset: what compare and Hydra read back.
+
+
+def test_the_tuned_preset_is_a_setting_compare_names_and_hydra_composes(tmp_path, monkeypatch):
+    import optuna
+
+    import commands.compare
+    import commands.tune
+    from pipeline.config import compose, validate
+
+    conf = shutil.copytree(REPO / "conf", tmp_path / "conf")
+    preset = conf / "experiment" / "tuned.yaml"
+    monkeypatch.setattr(commands.tune, "TUNED_PRESET", preset)
+    monkeypatch.setattr(commands.compare, "TUNED_PRESET", preset)
+    distributions = {
+        "train.learning_rate": optuna.distributions.FloatDistribution(1e-4, 1e-2, log=True),
+        "model.hidden_units": optuna.distributions.CategoricalDistribution([128, 256]),
+    }
+    study = optuna.create_study(study_name="mlp", direction="maximize")
+    for value, rate, units in ((0.97, 0.001, 128), (0.98, 0.0031, 256)):
+        study.add_trial(
+            optuna.trial.create_trial(
+                params={"train.learning_rate": rate, "model.hidden_units": units},
+                distributions=distributions,
+                value=value,
+            )
+        )
+    commands.tune.write_preset(study, finished=7)
+    sections = validate(compose(["+experiment=tuned"], conf_dir=conf))
+    assert (sections["train"].learning_rate, sections["model"].hidden_units) == (0.0031, 256)  # the best trial's
+    assert "7" in commands.compare.setting_label("tuned") and commands.compare.setting_label("cnn") == "cnn"

@@ -394,3 +394,89 @@ def test_evaluate_explains_a_result_that_differs_from_the_commit(committed_resul
     Path("params.yaml").write_text(Path("params.yaml").read_text().replace("epochs: 5", "epochs: 6"))
     explain_difference_from_commit(moved)
     assert capsys.readouterr().err == ""  # another configuration: nothing to explain
+
+
+# preprocess: the split.
+
+
+def write_idx(folder: Path, images: int, labels: int, test: int = 4) -> None:
+    import struct
+
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    for name, count in (("train", images), ("t10k", test)):
+        pixels = rng.integers(0, 256, (count, 28, 28), dtype=np.uint8)
+        pixels[:, 0, 0] = np.arange(count)  # each image told apart by its first pixel
+        (folder / f"{name}-images-idx3-ubyte").write_bytes(
+            struct.pack(">IIII", 0x803, count, 28, 28) + pixels.tobytes()
+        )
+    for name, count in (("train", labels), ("t10k", test)):
+        digits = (np.arange(count) % 10).astype(np.uint8)
+        (folder / f"{name}-labels-idx1-ubyte").write_bytes(struct.pack(">II", 0x801, count) + digits.tobytes())
+
+
+def prepared(split: str) -> np.ndarray:
+    return np.load(f"data/prepared/{split}_images.npy")[:, 0, 0] * 255
+
+
+def test_images_and_labels_that_disagree_are_refused(tmp_path, monkeypatch):
+    from pipeline.config import DataConfig
+    from pipeline.preprocess import preprocess
+
+    monkeypatch.chdir(tmp_path)
+    write_idx(tmp_path / "data/raw", images=20, labels=19)
+    with pytest.raises(PipelineError, match="19 labels"):
+        preprocess(DataConfig(validation_size=5, split_seed=0, limit=None))
+    assert not (tmp_path / "data/prepared").exists()
+
+
+def test_the_validation_split_is_carved_from_training_by_its_seed(tmp_path, monkeypatch):
+    from pipeline.config import DataConfig
+    from pipeline.preprocess import preprocess
+
+    monkeypatch.chdir(tmp_path)
+    write_idx(tmp_path / "data/raw", images=40, labels=40)
+    preprocess(DataConfig(validation_size=10, split_seed=0, limit=None))
+    train, validation = prepared("train"), prepared("validation")
+    assert len(validation) == 10 and sorted([*train, *validation]) == list(range(40))  # each image once
+    assert prepared("test").tolist() == [0, 1, 2, 3]  # the test set untouched, in order
+    preprocess(DataConfig(validation_size=10, split_seed=0, limit=None))
+    assert prepared("validation").tolist() == validation.tolist()  # the seed decides
+    preprocess(DataConfig(validation_size=10, split_seed=1, limit=None))
+    assert prepared("validation").tolist() != validation.tolist()
+    preprocess(DataConfig(validation_size=10, split_seed=0, limit=3))
+    assert [len(prepared(split)) for split in ("train", "validation", "test")] == [3, 3, 3]
+    manifest = json.loads(Path("data/prepared/manifest.json").read_text())
+    assert manifest["config"]["limit"] == 3 and manifest["splits"]["test"]["count"] == 3
+
+
+# What an entry point sets up.
+
+
+def test_the_callers_environment_wins_over_the_defaults(monkeypatch):
+    from pipeline import runtime
+
+    for name in runtime.DEFAULTS:  # set, then removed: monkeypatch puts back whatever was there
+        monkeypatch.setenv(name, "")
+        monkeypatch.delenv(name)
+    monkeypatch.setenv("TF_CPP_MIN_LOG_LEVEL", "0")
+    monkeypatch.setattr(runtime, "caller_environment", {})
+    runtime.apply_defaults()
+    assert os.environ["TF_CPP_MIN_LOG_LEVEL"] == "0"  # the caller's
+    assert os.environ["MLFLOW_DISABLE_TELEMETRY"] == runtime.DEFAULTS["MLFLOW_DISABLE_TELEMETRY"]
+    # `make reproduce` runs another commit's stages in the environment as the caller gave it.
+    assert "MLFLOW_DISABLE_TELEMETRY" not in runtime.caller_environment
+    assert runtime.caller_environment["TF_CPP_MIN_LOG_LEVEL"] == "0"
+
+
+@pytest.mark.parametrize("level, dropped", [("3", True), ("0", False)])
+def test_tensorflows_import_notices_are_dropped_unless_asked_for(monkeypatch, capfd, level, dropped):
+    from pipeline.runtime import IMPORT_NOTICES, tensorflow_import_notices_hidden
+
+    monkeypatch.setenv("TF_CPP_MIN_LOG_LEVEL", level)
+    with tensorflow_import_notices_hidden():
+        for line in (*IMPORT_NOTICES, "a warning of the user's own"):
+            os.write(2, f"W0000 {line} ...\n".encode())  # as TensorFlow's C++ writes them, past Python
+    err = capfd.readouterr().err
+    assert "a warning of the user's own" in err
+    assert all((notice in err) != dropped for notice in IMPORT_NOTICES)
