@@ -81,7 +81,7 @@ def fetch_from_mirror(name: str, mirror: str, timeout_seconds: float) -> bytes:
             if isinstance(error.reason, FileNotFoundError):  # a file:// mirror without this name
                 continue
             raise
-        return verify(name, payload, url)
+        return verify(name, payload)
     raise PipelineError(f"neither {name}.gz nor {name} found")
 
 
@@ -106,7 +106,7 @@ def read_url(url: str, timeout_seconds: float, limit: int) -> bytes:
     return bytes(buffer)
 
 
-def verify(name: str, payload: bytes, url: str) -> bytes:
+def verify(name: str, payload: bytes) -> bytes:
     """Decompresses when gzipped and checks size and SHA-256 of the result."""
     expected_size, expected_sha256 = EXPECTED[name]
     data = payload

@@ -158,7 +158,7 @@ def test_the_real_file_is_accepted_gzipped_or_not(real_labels, compressed):
     from pipeline.download import verify
 
     payload = gzip.compress(real_labels) if compressed else real_labels
-    assert verify(LABELS, payload, "mirror") == real_labels
+    assert verify(LABELS, payload) == real_labels
 
 
 @pytest.mark.parametrize(
@@ -175,7 +175,7 @@ def test_anything_else_is_refused(real_labels, tamper, fragment):
     from pipeline.download import verify
 
     with pytest.raises(PipelineError, match=fragment):
-        verify(LABELS, tamper(real_labels), "mirror")
+        verify(LABELS, tamper(real_labels))
 
 
 def test_a_gzip_bomb_is_not_decompressed_past_the_real_size(real_labels):
@@ -184,7 +184,7 @@ def test_a_gzip_bomb_is_not_decompressed_past_the_real_size(real_labels):
     size = EXPECTED[LABELS][0]
     bomb = gzip.compress(real_labels + bytes(50_000_000), compresslevel=1)  # 50 MB of zeros after the real file
     with pytest.raises(PipelineError, match="checksum mismatch") as refused:
-        verify(LABELS, bomb, "mirror")
+        verify(LABELS, bomb)
     assert f"{size + 1} of {size} bytes" in str(refused.value)  # read one byte past the size, no further
 
 
