@@ -77,13 +77,18 @@ def test_a_read_only_store(store_session):
     assert line and URI in line and "read-only" in line and "writable" in line
 
 
+def unopenable_as_something_else(line: str) -> bool:
+    """A store that cannot be opened told as another fault (whose fix would not help)."""
+    return any(fault in line for fault in ("locked", "read-only", "tracking server", "older MLflow", "newer MLflow"))
+
+
 def test_a_file_that_is_not_a_database(tmp_path):
     import mlflow
 
     text = tmp_path / "notes.db"
     text.write_text("not a database\n" * 100)
     line = describe(raised(lambda: mlflow.MlflowClient(f"sqlite:///{text}").search_experiments()))
-    assert line and URI in line and "cannot open" in line
+    assert line and URI in line and not unopenable_as_something_else(line)
 
 
 def test_a_folder_where_the_store_should_be(tmp_path):
@@ -92,7 +97,7 @@ def test_a_folder_where_the_store_should_be(tmp_path):
     # What MLflow's engine creation raises in the end (after its own retries) for a folder.
     error = raised(lambda: sqlalchemy.create_engine(f"sqlite:///{tmp_path}").connect())
     line = describe(error)
-    assert line and URI in line and "cannot open" in line
+    assert line and URI in line and not unopenable_as_something_else(line)
 
 
 @pytest.mark.parametrize(
