@@ -32,8 +32,8 @@ run: $(INSTALLED)
 	dvc repro
 
 ## warm: keep one process of this project with TensorFlow, MLflow & co. imported, so that the stages of
-##   `dvc repro` and `dvc exp run` run as forks of it without importing them again (about 10 s per stage
-##   on 2 cores); same results. It stops after IDLE=30 minutes without a stage, or with `make cold`
+##   `dvc repro` and `dvc exp run` run as forks of it without importing them again (`make bench` measures
+##   the gain); same results. It stops after IDLE=30 minutes without a stage, or with `make cold`
 IDLE ?= 30
 warm: $(INSTALLED)
 	python -m commands.warm start --idle-minutes $(IDLE)
@@ -123,13 +123,13 @@ pull: $(INSTALLED)
 	dvc pull
 
 ## bench: the pipeline's cost vs the bare Keras script, side by side, and the CNN preset over 3 seeds
-##   (BENCH_ARGS=--no-cnn skips it); writes bench/results.md and README's speed table. About 15 minutes
-##   on 2 cores, 20 with the CNN.
+##   (BENCH_ARGS=--no-cnn skips it); writes bench/results.md and README's speed table. Long: every
+##   measurement is repeated (--repeats), and the CNN trains once per seed.
 bench: $(INSTALLED)
 	python bench/bench.py $(BENCH_ARGS)
 
 ## numerics: the default MLP under each numeric environment this machine can emulate (oneDNN on/off,
-##   its ISA capped, thread counts); writes bench/numeric_environments.md. About 10 minutes on 2 cores.
+##   its ISA capped, thread counts); writes bench/numeric_environments.md. One full training per environment.
 numerics: $(INSTALLED)
 	python bench/numeric_environments.py
 

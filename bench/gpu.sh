@@ -2,15 +2,16 @@
 # bench/gpu.sh: the train stage on a GPU, for the time to 99% accuracy and the GPU metrics MLflow saw.
 #
 # One prepared script for a machine with an NVIDIA GPU; it installs nothing. It needs the project's
-# environment with a TensorFlow that sees the GPU (after `make`: `.venv/bin/pip install
-# "tensorflow[and-cuda]==$(.venv/bin/python -c 'import tensorflow as t; print(t.__version__)')"`)
-# and MNIST (MNIST_MIRROR, or the official mirrors). It trains the CNN preset twice in a throwaway
-# copy of HEAD, plain and with mixed precision (float16 on tensor cores), and writes bench/gpu-results.md.
+# environment with a TensorFlow that sees the GPU: `make` installs requirements-gpu.lock (TensorFlow's
+# CUDA libraries included) where nvidia-smi lists a GPU (over an environment installed without them:
+# `make clean && make GPU=1`), and MNIST (MNIST_MIRROR, or the official mirrors). It trains the CNN
+# preset twice in a throwaway copy of HEAD, plain and with mixed precision (float16 on tensor cores),
+# and writes bench/gpu-results.md.
 set -euo pipefail
 repo="$(cd "$(dirname "$0")/.." && pwd)"
 export PATH="$repo/.venv/bin:$PATH"
 python -c 'import sys, tensorflow as tf; tf.config.list_physical_devices("GPU") or sys.exit(
-    "error: gpu.sh: TensorFlow sees no GPU; install tensorflow[and-cuda] into .venv (see the header)")'
+    "error: gpu.sh: TensorFlow sees no GPU; `make clean && make GPU=1` installs its CUDA libraries")'
 
 work="$(mktemp -d)"
 trap 'rm -rf "$work"' EXIT

@@ -1,7 +1,7 @@
 """`make warm`: one resident process that has already imported what the stages import (TensorFlow,
 Keras, MLflow and its SQLite store, scikit-learn, pandas, matplotlib, Hydra), so that each stage
 `dvc repro` or `dvc exp run` starts runs as a fork of it instead of paying those imports again
-(about 10 s per stage process on 2 cores: the bulk of a quick experiment).
+(the bulk of a quick experiment's time on a small machine; `make bench` measures it).
 
 The stage commands stay `python -m pipeline.<stage>`: pipeline/__init__.py calls hand_over(), which
 sends the stage's module, arguments, working directory, environment and terminal (its file
@@ -182,12 +182,12 @@ def preload() -> None:
         importlib.import_module(module)
     forget_pipeline_modules()
     # mlflow.keras.log_model checks the model's requirements against what is installed, after mapping
-    # every installed package to its modules (~1 s): mapped once, here (mlflow/utils/requirements_utils.py).
+    # every installed package to its modules: mapped once, here (mlflow/utils/requirements_utils.py).
     from mlflow.utils.requirements_utils import _init_packages_to_modules_map
 
     _init_packages_to_modules_map()
     # Out of the garbage collector's sight: a fork that collects them (or frees them when it exits)
-    # writes to every page the warm process shares with it, ~2 s for what TensorFlow & co. import.
+    # writes to every page the warm process shares with it, all that TensorFlow & co. imported.
     # https://docs.python.org/3/library/gc.html#gc.freeze
     gc.collect()
     gc.freeze()
@@ -296,7 +296,7 @@ def run_forked_stage(request: dict) -> None:
 def leave_stage(status) -> None:
     """Exits as Python does (non-daemon threads joined, atexit handlers run, streams flushed,
     sys.exit's status), but skips tearing the interpreter down: freeing the modules the fork shares
-    with the warm process writes to their pages, ~0.3 s per stage, for memory the kernel reclaims
+    with the warm process writes to their pages, in every stage, for memory the kernel reclaims
     anyway. Python's own order: https://docs.python.org/3/c-api/init.html#c.Py_FinalizeEx"""
     threading._shutdown()  # waits for non-daemon threads, as Python does before atexit (private)
     atexit._run_exitfuncs()

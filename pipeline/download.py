@@ -21,8 +21,8 @@ from pipeline.config import DownloadConfig, run_stage
 from pipeline.data_io import IDX_FILES, RAW_DIR, atomic_write_bytes
 from pipeline.errors import PipelineError
 
-# Decompressed size and SHA-256 of each file (../shared/data/mnist/README.md, and
-# the checksums every MNIST mirror agrees on).
+# Decompressed size and SHA-256 of each file, as every MNIST mirror serves it. The sizes follow from
+# the IDX format: a 16-byte header and 28x28 bytes per image, or an 8-byte header and a byte per label.
 EXPECTED = {
     "train-images-idx3-ubyte": (47040016, "ba891046e6505d7aadcbbe25680a0738ad16aec93bde7f9b65e87a2fc25776db"),
     "train-labels-idx1-ubyte": (60008, "65a50cbbf4e906d70832878ad85ccda5333a97f0f4c3dd2ef09a8a9eef7101c5"),
@@ -81,7 +81,7 @@ def fetch_from_mirror(name: str, mirror: str, timeout_seconds: float) -> bytes:
             if isinstance(error.reason, FileNotFoundError):  # a file:// mirror without this name
                 continue
             raise
-        return verify(name, payload, url)
+        return verify(name, payload)
     raise PipelineError(f"neither {name}.gz nor {name} found")
 
 
@@ -106,7 +106,7 @@ def read_url(url: str, timeout_seconds: float, limit: int) -> bytes:
     return bytes(buffer)
 
 
-def verify(name: str, payload: bytes, url: str) -> bytes:
+def verify(name: str, payload: bytes) -> bytes:
     """Decompresses when gzipped and checks size and SHA-256 of the result."""
     expected_size, expected_sha256 = EXPECTED[name]
     data = payload

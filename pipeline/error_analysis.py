@@ -117,9 +117,9 @@ def confusion_matrix_figure(matrix: np.ndarray):
 def gallery_figure(images: np.ndarray, labels: np.ndarray, predictions: np.ndarray, confidences: np.ndarray, size: int):
     """The misclassified digits, most confident mistakes first, each under its caption.
 
-    One axes holds every digit, placed by its extent: a grid of 36 subplots drew the same picture
-    ~1 s slower (matplotlib laying out ticks that are never shown), and one image of all digits
-    resampled at once took ~40 MB more memory.
+    One axes holds every digit, placed by its extent: a grid of subplots draws the same picture more
+    slowly (matplotlib lays out ticks that are never shown), and one image of all digits resampled at
+    once takes more memory.
     """
     wrong = np.flatnonzero(predictions != labels)
     wrong = wrong[np.argsort(-confidences[wrong], kind="stable")][:size]

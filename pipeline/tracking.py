@@ -350,7 +350,7 @@ def log_dataset(split: str, images, labels, manifest: dict) -> None:
     Its digest is the split's SHA-256 from preprocess (the manifest), so two runs show the same
     digest exactly when they saw the same images and labels. MLflow's own digest (from_numpy without
     `digest=`) hashes only the first 10,000 values, and copies the whole array to get them
-    (compute_numpy_digest in mlflow/data/digest_utils.py): half a second for the training split.
+    (compute_numpy_digest in mlflow/data/digest_utils.py), a copy as large as the split.
     """
     import warnings
 

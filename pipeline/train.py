@@ -92,7 +92,7 @@ def without_autotuning(dataset: tf.data.Dataset) -> tf.data.Dataset:
 
     Autotuning runs a thread that sleeps between optimisations for periods that grow to seconds,
     and deleting the dataset's iterator waits for it to wake (~RootDataset::Iterator in a native
-    stack): now and then up to 10 s after a 5-epoch training's last epoch, inside `fit`.
+    stack): now and then a wait of that length after the last epoch, inside `fit`.
     """
     options = tf.data.Options()
     options.autotune.enabled = False
@@ -283,7 +283,7 @@ def fused_adam(learning_rate: float | keras.optimizers.schedules.LearningRateSch
 
     Keras 3 writes the update as about ten element-wise ops per variable (update_step in
     keras/src/optimizers/adam.py), each a pass over the variable's memory, which only XLA would fuse;
-    without XLA they took half of every CPU epoch of the reference MLP. The kernel computes the same
+    without XLA, a small model's CPU step spends much of its time in them. The kernel computes the same
     formula on the same variables (ApplyAdam in tensorflow/core/kernels/training_ops.cc), in one pass.
     The update is swapped on the instance rather than in a subclass, so a saved model holds a plain
     keras.optimizers.Adam that any Keras loads: a subclass would have to be importable wherever the
@@ -317,10 +317,9 @@ def with_fused_batch_normalization(model: keras.Model) -> keras.Model:
 
     Keras 3 normalises a batch with about a dozen element-wise ops (ops.moments, then
     tf.nn.batch_normalization) and differentiates each of them, a pass over the activations apiece;
-    the kernel and its gradient make one pass each. The CNN preset's three layers, forward and
-    backward at batch 128 on 2 cores: 4.2 ms of a step of about 13 ms before, 1.9 ms after. Inference
-    keeps Keras's own call, and the call is swapped on the instances, as in fused_adam: the saved
-    model holds plain BatchNormalization layers.
+    the kernel and its gradient make one pass each, which shortens every training step of the CNN
+    preset (`make bench` times it). Inference keeps Keras's own call, and the call is swapped on the
+    instances, as in fused_adam: the saved model holds plain BatchNormalization layers.
     """
     for layer in model.layers:
         if isinstance(layer, keras.layers.BatchNormalization):
