@@ -128,9 +128,11 @@ def check_login(uri: str) -> None:
 
 
 def check_sqlite_store(path: Path, uri: str) -> None:
-    if not path.exists() or path.is_dir() or path.stat().st_size == 0:
-        return  # absent or empty: MLflow creates the store (a folder fails in store_faults)
     fix = "move it aside (a new store is then created there) or point MLFLOW_TRACKING_URI at your store"
+    if path.is_dir():  # MLflow would retry opening it for minutes before failing
+        raise PipelineError(f"{path} is a folder, not an MLflow store; {fix}")
+    if not path.exists() or path.stat().st_size == 0:
+        return  # absent or empty: MLflow creates the store
     try:
         with sqlite3.connect(f"file:{path}?mode=ro", uri=True) as database:
             tables = {row[0] for row in database.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}

@@ -235,7 +235,7 @@ def test_store_faults_turns_only_store_faults_into_one_line(store_session):
     [
         (lambda path: None, None),  # absent: MLflow creates it
         (lambda path: path.touch(), None),  # empty: likewise
-        (lambda path: path.mkdir(), None),  # a folder: describe_store_fault names it when MLflow fails
+        (lambda path: path.mkdir(), "a folder"),  # refused at once: MLflow would retry for minutes
         (lambda path: sqlite3.connect(path).execute("CREATE TABLE experiments (id INTEGER)"), None),
         (lambda path: path.write_text("not a database\n" * 100), "not an MLflow store"),
         (lambda path: sqlite3.connect(path).execute("CREATE TABLE invoices (id INTEGER)"), "invoices"),
