@@ -1,6 +1,7 @@
 """The project's layout and conventions: one list of what shapes the weights, imports without side
 effects, commands that take their options as arguments."""
 
+import json
 import os
 import subprocess
 import sys
@@ -20,20 +21,29 @@ def test_the_train_stage_depends_on_what_shapes_the_weights():
     assert stages["train"]["deps"] == [*TRAINING_INPUTS, "data/prepared"]
 
 
-def test_importing_the_package_changes_nothing_in_the_process():
-    modules = [f"pipeline.{path.stem}" for path in (REPO / "pipeline").glob("*.py") if path.stem != "__init__"]
-    modules += [f"commands.{name}" for name in COMMANDS]
-    # Outside CI, as a user's shell is: MLflow starts its telemetry client (and sets a variable) on import.
+def changed_variables(setup: str, modules: list[str]) -> list[str]:
+    """The variables that importing `modules` changes, after `setup` ran, in a user's shell (outside CI:
+    MLflow starts its telemetry client on import, and sets a variable, only there)."""
     env = {key: value for key, value in os.environ.items() if key not in CI_MARKERS}
     check = (
-        "import os; before = dict(os.environ); "
-        f"import {', '.join(modules)}; "
-        "changed = sorted(k for k in set(before) | set(os.environ) if before.get(k) != os.environ.get(k)); "
-        "print(changed)"
+        f"{setup}; import json, os; before = dict(os.environ); import {', '.join(modules)}; "
+        "print(json.dumps(sorted(k for k in set(before) | set(os.environ) if before.get(k) != os.environ.get(k))))"
     )
     result = subprocess.run([sys.executable, "-c", check], cwd=REPO, env=env, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
-    assert result.stdout.strip() == "[]"
+    return json.loads(result.stdout)
+
+
+def test_importing_the_shared_modules_changes_nothing_in_the_process():
+    assert changed_variables("pass", ["pipeline.config", "pipeline.tracking", "pipeline.data_io"]) == []
+
+
+def test_the_package_adds_nothing_to_what_its_libraries_do_on_import():
+    """TensorFlow, Keras and MLflow set variables of their own on import; our modules add none."""
+    modules = [f"pipeline.{path.stem}" for path in (REPO / "pipeline").glob("*.py") if path.stem != "__init__"]
+    modules += [f"commands.{name}" for name in COMMANDS]
+    libraries = "import tensorflow, keras, mlflow, mlflow.keras, sklearn, matplotlib.pyplot, optuna, hydra"
+    assert changed_variables(libraries, modules) == []
 
 
 @pytest.mark.parametrize("command", COMMANDS)
