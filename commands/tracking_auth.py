@@ -1,5 +1,5 @@
 """`make server`'s logins and the rules MLflow's basic-auth app leaves open, as that app's
-`authorization_function` (https://mlflow.org/docs/latest/self-hosting/security/basic-http-auth/):
+`authorization_function` (https://mlflow.org/docs/latest/self-hosting/security/custom):
 MLflow calls it first on every request, admins' included, on its Flask routes and on the artifact
 routes it serves with FastAPI, and answers with the response it returns instead of going on.
 
@@ -11,8 +11,9 @@ routes it serves with FastAPI, and answers with the response it returns instead 
 - Only admins list users (MLflow lets every user see every name and who is admin).
 - Artifacts stay where the server puts them, under its --artifacts-destination, and a user reads
   only those of what they may read: an experiment gets no client-chosen artifact_location, a trace
-  no client-set artifact location tag, and a model version's source is a runs:/, models:/ or
-  mlflow-artifacts:/ URI. MLflow checks those three against the runs and models the user may read
+  no client-set artifact location tag (where the server reads the trace's data), and a model
+  version's source is a runs:/, models:/ or mlflow-artifacts:/ URI. MLflow checks those three
+  against the runs and models the user may read
   (https://github.com/mlflow/mlflow/blob/v3.17.2/mlflow/server/handlers.py, _validate_source_run);
   any other source (s3://, file://, http://) it serves with the server's own keys, unchecked.
 
@@ -122,7 +123,7 @@ def forbidden(message: str) -> Response:
 def _rule_broken(auth, username: str) -> Response | None:
     """The refusal of a request that breaks one of the rules in the module's docstring; None otherwise."""
     from mlflow.protos.model_registry_pb2 import CreateModelVersion
-    from mlflow.protos.service_pb2 import CreateExperiment, SetTraceTag, SetTraceTagV3
+    from mlflow.protos.service_pb2 import CreateExperiment
     from mlflow.server.handlers import _get_request_message  # the handlers' own parsing of the body
 
     endpoint = request.endpoint
@@ -142,8 +143,7 @@ def _rule_broken(auth, username: str) -> Response | None:
                 f"model version source {source!r} refused: register runs:/<run id>/<path>, "
                 "models:/<name>/<version> or models:/<model id>, of what you may read"
             )
-    if endpoint in ("_set_trace_tag", "_set_trace_tag_v3"):
-        message = SetTraceTag() if endpoint == "_set_trace_tag" else SetTraceTagV3()
-        if _get_request_message(message).key == TRACE_ARTIFACT_LOCATION_TAG:
-            return forbidden(f"the trace tag {TRACE_ARTIFACT_LOCATION_TAG} is the server's to set")
+    # Any route that writes a trace's tags (set-tag, end-trace, ...) could set it; its body names it.
+    if "trace" in (endpoint or "") and TRACE_ARTIFACT_LOCATION_TAG in request.get_data(as_text=True):
+        return forbidden(f"the trace tag {TRACE_ARTIFACT_LOCATION_TAG} is the server's to set")
     return None

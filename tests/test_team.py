@@ -322,6 +322,10 @@ def test_permission_model_version_sources_stay_within_what_the_user_reads(team_s
         request = {"name": "bobs-model", "source": source, **({"run_id": run_id} if run_id else {})}
         refused = bob("POST", "mlflow/model-versions/create", json=request)
         assert refused.status_code == 403, (source, refused.text)
+    ajax = bob.session.post(
+        f"{bob.url}/ajax-api/2.0/mlflow/model-versions/create", json={"name": "bobs-model", "source": "s3://elsewhere/"}
+    )
+    assert ajax.status_code == 403, "the UI's route too"
     for source in ("s3://elsewhere/", "file:///etc"):
         refused = bob("POST", "mlflow/model-versions/create", json={"name": "bobs-model", "source": source})
         assert f"model version source '{source}' refused: register runs:/<run id>/<path>" in refused.json()["message"]
@@ -358,12 +362,13 @@ def test_permission_artifacts_go_where_the_server_puts_them(team_server, users, 
         assert user("GET", "mlflow/experiments/get-by-name", params={"experiment_name": name}).status_code == 404
     assert not Path("/tmp/bob-writes-here").exists()
 
-    tagged = bob(
-        "PATCH",
-        "mlflow/traces/tr-0123456789abcdef/tags",
-        json={"key": "mlflow.artifactLocation", "value": "s3://elsewhere/"},
-    )
-    assert tagged.status_code == 403 and "is the server's to set" in tagged.json()["message"], tagged.text
+    tag = {"key": "mlflow.artifactLocation", "value": f"s3://{BUCKET}/mlflow/{experiment}/traces/tr-1/artifacts"}
+    for method, path, body in [
+        ("PATCH", "mlflow/traces/tr-0123456789abcdef/tags", tag),
+        ("PATCH", "mlflow/traces/0123456789abcdef", {"timestamp_ms": 1, "status": "OK", "tags": [tag]}),  # end-trace
+    ]:
+        tagged = bob(method, path, json=body)
+        assert tagged.status_code == 403 and "is the server's to set" in tagged.json()["message"], tagged.text
 
     own_experiment, own_run = bob.experiment_with_file("bob-uploads", "bob's")
     location = bob.ok("GET", "mlflow/experiments/get", params={"experiment_id": own_experiment})["experiment"]
