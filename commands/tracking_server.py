@@ -3,18 +3,23 @@
 A SQLAlchemy backend store (PostgreSQL for a team), artifacts proxied to S3 (clients need no S3
 credentials), MLflow's basic-auth app (users; READ, EDIT or MANAGE per experiment and registered
 model; nobody sees anything unless granted), and host and origin checks set from the name clients
-use (against DNS rebinding and cross-site requests). Nothing here writes a password to disk: the
-admin's comes from MLFLOW_AUTH_ADMIN_PASSWORD or from a file outside the repository, and a
-missing, default or short one refuses to start. AUTH=0 turns authentication off, and is refused
-unless the server listens on loopback only.
+use (against DNS rebinding and cross-site requests), and the rules of commands/tracking_auth.py
+on top (logins, artifact locations). No password on a command line (where `ps` shows it) nor in a
+file it writes: the admin's comes from MLFLOW_AUTH_ADMIN_PASSWORD or from a file outside the repository (a missing,
+default or short one refuses to start), the databases' from PGPASSWORD or libpq's password file; a
+database URI that carries one is refused. AUTH=0 turns authentication off, and is refused unless
+the server listens on loopback only; no option of --mlflow-args can change where it listens.
 """
 
 import argparse
 import os
 import secrets
 import shlex
+import signal
+import subprocess
 import sys
 import tempfile
+import urllib.parse
 from pathlib import Path
 
 from pipeline import project_root
@@ -24,6 +29,10 @@ LOOPBACK = ("127.0.0.1", "localhost", "::1")
 # MLflow's default admin password until 3.x, and the ones people try first.
 REFUSED_PASSWORDS = {"password1234", "password", "admin", "changeme", "mlflow"}
 MIN_PASSWORD_LENGTH = 12
+# What --mlflow-args may carry: options of `mlflow server` that change neither where it listens nor
+# who gets in nor where artifacts go (--host, --uvicorn-opts, --app-name, --default-artifact-root,
+# --disable-security-middleware, --env-file and the rest would).
+EXTRA_OPTIONS = ("--workers", "-w", "--static-prefix", "--expose-prometheus")
 
 
 def admin_password() -> str:
@@ -51,11 +60,43 @@ def admin_password() -> str:
     return password
 
 
+def extra_options(extra: str) -> list[str]:
+    """--mlflow-args as arguments, each option one of EXTRA_OPTIONS, with its value."""
+    arguments = shlex.split(extra)
+    position = 0
+    while position < len(arguments):
+        option, equals, _ = arguments[position].partition("=")
+        if option not in EXTRA_OPTIONS:
+            raise PipelineError(
+                f"--mlflow-args (UI_ARGS) may carry only {', '.join(EXTRA_OPTIONS)}, not {arguments[position]!r}: "
+                "the address, authentication and artifact store are set by HOST, PORT, AUTH, SERVER_NAME "
+                "and ARTIFACTS_DESTINATION, and checked together"
+            )
+        position += 1 if equals else 2
+        if not equals and (position > len(arguments) or arguments[position - 1].startswith("-")):
+            raise PipelineError(f"--mlflow-args (UI_ARGS): {option} needs its value (e.g. --workers 2)")
+    return arguments
+
+
+def without_password(name: str, uri: str) -> str:
+    """uri, refused when it carries a password: `ps` shows a command line to every user of the machine."""
+    parts = urllib.parse.urlsplit(uri)
+    if parts.password is not None or "password" in urllib.parse.parse_qs(parts.query):
+        raise PipelineError(
+            f"{name} carries a password, which `ps` shows to every user of the machine; drop it from the "
+            "URI and set PGPASSWORD=<password> in the server's environment (or put it in ~/.pgpass, "
+            "mode 0600: https://www.postgresql.org/docs/current/libpq-pgpass.html)"
+        )
+    return uri
+
+
 def server(
     backend: str, artifacts: str, host: str, port: int, auth: bool, server_name: str, auth_database: str, extra: str
 ) -> None:
     if not backend or not artifacts:
         raise PipelineError("set BACKEND_STORE_URI=postgresql://... and ARTIFACTS_DESTINATION=s3://bucket/path")
+    without_password("BACKEND_STORE_URI", backend)
+    extras = extra_options(extra)
     loopback = host in LOOPBACK
     if not auth and not loopback:
         raise PipelineError(
@@ -75,6 +116,7 @@ def server(
     command = [
         "mlflow",
         "server",
+        *extras,
         "--backend-store-uri",
         backend,
         "--artifacts-destination",
@@ -88,12 +130,19 @@ def server(
         ",".join(hosts),
         "--cors-allowed-origins",
         ",".join(origins),
-        *shlex.split(extra),
     ]
     environment = dict(os.environ)
+    # MLflow's job runner (GenAI prompt optimization, scorers, trace archival: nothing this project uses)
+    # is a process and a pool of workers that run code on the server's behalf, and slows its start and
+    # stop; MLFLOW_SERVER_ENABLE_JOB_EXECUTION=true turns it on.
+    environment.setdefault("MLFLOW_SERVER_ENABLE_JOB_EXECUTION", "false")
+    config = None
     if auth:
         environment["MLFLOW_AUTH_ADMIN_PASSWORD"] = admin_password()
-        environment["MLFLOW_AUTH_CONFIG_PATH"] = auth_config(auth_database)
+        config = auth_config(without_password("AUTH_DATABASE_URI", auth_database))
+        environment["MLFLOW_AUTH_CONFIG_PATH"] = config
+        # The server's workers import commands.tracking_auth, named in that file, from this checkout.
+        environment["PYTHONPATH"] = os.pathsep.join(filter(None, [str(project_root()), os.environ.get("PYTHONPATH")]))
         # Signs the UI's sessions and CSRF tokens; a new one per start logs browsers out, nothing more.
         environment.setdefault("MLFLOW_FLASK_SERVER_SECRET_KEY", secrets.token_hex(32))
         command += ["--app-name", "basic-auth"]
@@ -102,15 +151,30 @@ def server(
         f"store {backend.split('@')[-1]}, artifacts {artifacts}",
         file=sys.stderr,
     )
-    os.execvpe(command[0], command, environment)
+    try:
+        returncode = run_until_stopped(command, environment)
+    finally:
+        if config:
+            Path(config).unlink(missing_ok=True)
+    raise SystemExit(returncode if returncode >= 0 else 128 - returncode)
+
+
+def run_until_stopped(command: list[str], environment: dict[str, str]) -> int:
+    """Runs command as a child, passing on the signals that stop it, so that this process outlives
+    it and removes what it wrote for it (an exec would leave the auth settings behind)."""
+    child = subprocess.Popen(command, env=environment)
+    for stop in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(stop, lambda number, _: child.send_signal(number))
+    return child.wait()
 
 
 def auth_config(database: str) -> str:
-    """MLflow's basic-auth settings (no secret in them), in a file outside the repository."""
+    """MLflow's basic-auth settings, in a file only its owner reads (the database URI says where the
+    users are; its password, if any, comes from the environment), removed when the server stops."""
     if database.startswith("sqlite:///"):
         Path(database.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
     username = os.environ.get("MLFLOW_AUTH_ADMIN_USERNAME") or "admin"
-    descriptor, path = tempfile.mkstemp(prefix="mlflow-auth-", suffix=".ini")
+    descriptor, path = tempfile.mkstemp(prefix="mlflow-auth-", suffix=".ini")  # mode 0600
     with os.fdopen(descriptor, "w") as config:
         config.write(
             "[mlflow]\n"
@@ -118,7 +182,7 @@ def auth_config(database: str) -> str:
             "default_permission = NO_PERMISSIONS\n"
             f"database_uri = {database}\n"
             f"admin_username = {username}\n"
-            "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n"
+            "authorization_function = commands.tracking_auth:authenticate\n"
         )
     return path
 
