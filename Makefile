@@ -77,11 +77,13 @@ ui: $(INSTALLED)
 ##   SERVER_NAME=<the name clients use> when HOST is not loopback; AUTH_DATABASE_URI (users and
 ##   permissions; default ~/.mlflow/mnist-basic-auth.db); AUTH=0 (refused unless HOST is loopback).
 ##   S3 credentials from AWS_* and MLFLOW_S3_ENDPOINT_URL for an S3-compatible service.
+##   Database password: PGPASSWORD or ~/.pgpass (a URI holding one is refused: ps shows it). UI_ARGS:
+##   --workers, --static-prefix, --expose-prometheus only.
 server: $(INSTALLED)
 	python -m commands.tracking_server --host $(HOST) --port $(PORT) $(call option,BACKEND_STORE_URI,--backend-store-uri) \
 		$(call option,ARTIFACTS_DESTINATION,--artifacts-destination) $(call option,SERVER_NAME,--server-name) \
 		$(call option,AUTH_DATABASE_URI,--auth-database-uri) $(if $(filter 0 no false,$(call given,AUTH)),--no-auth) \
-		$(call option,UI_ARGS,--mlflow-args)
+		$(if $(call given,UI_ARGS),--mlflow-args='$(call given,UI_ARGS)')
 
 ## serve: MLflow's model server on http://$(HOST):$(SERVE_PORT) (PORT=, default 5001) for RUN=<run id>
 ##   or MODEL=models:/mnist-classifier@champion; default: the latest training run
