@@ -25,7 +25,7 @@ flag = $(if $(filter 1 yes true,$(call given,$(1))),$(2))
 
 ## help: this list
 help:
-	@sed -n 's/^## //p' $(MAKEFILE_LIST) | sed 's/$$(HOST)/$(HOST)/g; s/$$(PORT)/$(PORT)/g; s/$$(IDLE)/$(IDLE)/g'
+	@sed -n 's/^## //p' $(MAKEFILE_LIST) | sed 's/$$(HOST)/$(HOST)/g; s/$$(PORT)/$(PORT)/g; s/$$(SERVE_PORT)/$(SERVE_PORT)/g; s/$$(IDLE)/$(IDLE)/g'
 
 ## run: the whole pipeline (`dvc repro`: conf/ composed into params.yaml when it changed, then the five stages)
 run: $(INSTALLED)
