@@ -21,7 +21,7 @@ given = $(if $(filter command line,$(origin $(1))),$($(1)))
 option = $(if $(call given,$(1)),$(2) '$(call given,$(1))')
 flag = $(if $(filter 1 yes true,$(call given,$(1))),$(2))
 
-.PHONY: help run warm cold test test-fast lint params ui server serve promote sweep tune compare reproduce push pull bench numerics lock clean
+.PHONY: help run warm cold test test-fast lint docs docs-serve params ui server serve promote sweep tune compare reproduce push pull bench numerics lock clean
 
 ## help: this list
 help:
@@ -60,15 +60,29 @@ lint: $(INSTALLED)
 	ruff check .
 	ruff format --check .
 
+# NO_MKDOCS_2_WARNING: Material for MkDocs prints a banner about its successor on every build.
+MKDOCS := NO_MKDOCS_2_WARNING=1 mkdocs
+
+## docs: the documentation site (docs/, mkdocs.yml), built strictly into site/: a broken link or a page
+##   missing from the nav fails
+docs: $(INSTALLED)
+	$(MKDOCS) build --strict --site-dir site
+
+## docs-serve: the documentation site on http://127.0.0.1:8000, rebuilt on every edit
+docs-serve: $(INSTALLED)
+	$(MKDOCS) serve --strict --dev-addr 127.0.0.1:8000
+
 ## params: compose conf/ (plus OVERRIDES="key=value ...") into params.yaml
 params: $(INSTALLED)
 	python -m pipeline.config $(OVERRIDES)
 
-## ui: the MLflow UI over the project's store, on http://$(HOST):$(PORT)
-# (MLflow's usage events off unless MLFLOW_DISABLE_TELEMETRY=false, as pipeline/__init__.py says why)
+## ui: the MLflow UI over the project's store, on http://$(HOST):$(PORT); prints the link once it answers
+# (MLflow's usage events off unless MLFLOW_DISABLE_TELEMETRY=false, as pipeline/__init__.py says why).
+# The registry store is named so that MLflow does not print that it defaulted to the tracking store.
+UI_STORE = $${MLFLOW_TRACKING_URI:-sqlite:///$(CURDIR)/mlflow.db}
 ui: $(INSTALLED)
-	@python -m pipeline.tracking runs-url --host $(HOST) --port $(PORT)
-	MLFLOW_DISABLE_TELEMETRY=$${MLFLOW_DISABLE_TELEMETRY:-true} mlflow ui --backend-store-uri "$${MLFLOW_TRACKING_URI:-sqlite:///$(CURDIR)/mlflow.db}" \
+	@MLFLOW_DISABLE_TELEMETRY=$${MLFLOW_DISABLE_TELEMETRY:-true} python -m pipeline.tracking ui --host $(HOST) --port $(PORT) \
+		-- mlflow ui --backend-store-uri "$(UI_STORE)" --registry-store-uri "$(UI_STORE)" \
 		--default-artifact-root "$(CURDIR)/mlartifacts" --host $(HOST) --port $(PORT) $(UI_ARGS)
 
 ## server: a team MLflow server with authentication: PostgreSQL store, S3 artifacts proxied by the server
@@ -109,7 +123,7 @@ tune: $(INSTALLED)
 	python -m commands.tune $(call option,SPACE,--space) $(call option,TRIALS,--trials) \
 		$(call option,STUDY_STORAGE,--storage) $(call option,STUDY,--study) $(call option,CONFIRM_SEEDS,--confirm-seeds)
 
-## compare: regenerate reports/comparison.* and the README table from the tracked MLflow runs
+## compare: regenerate reports/comparison.{md,csv,png} from the tracked MLflow runs
 ##   (refuses to replace them with a table of fewer runs unless FORCE=1)
 compare: $(INSTALLED)
 	python -m commands.compare $(call flag,FORCE,--force)
@@ -125,7 +139,7 @@ pull: $(INSTALLED)
 	dvc pull
 
 ## bench: the pipeline's cost vs the bare Keras script, side by side, and the CNN preset over 3 seeds
-##   (BENCH_ARGS=--no-cnn skips it); writes bench/results.md and README's speed table. Long: every
+##   (BENCH_ARGS=--no-cnn skips it); writes bench/results.md and docs/performance.md's table. Long: every
 ##   measurement is repeated (--repeats), and the CNN trains once per seed.
 bench: $(INSTALLED)
 	python bench/bench.py $(BENCH_ARGS)

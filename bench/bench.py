@@ -237,7 +237,7 @@ def wall_and_peak_memory(stage: str, cwd: Path, env: dict) -> StageCost:
     exec): a child's ru_maxrss also counts the pages of the process it was forked from (the kernel
     records the old address space's high-water mark at exec), so a small stage would read as the
     size of this bench process. VmHWM also counts library pages the kernel mapped in around each
-    page fault from the page cache, so it moves with what the cache holds (README, Speed); Linux
+    page fault from the page cache, so it moves with what the cache holds (docs/performance.md); Linux
     keeps no high-water mark of anonymous memory alone (what the stage allocates), so this samples
     RssAnon every SAMPLE_SECONDS.
     """
@@ -470,10 +470,10 @@ also skips the history CSV and curves, built from the tracked metrics: an upper 
 """
     )
     RESULTS.write_text(text)
-    readme = REPO / "README.md"  # the speed section shows the same table
+    page = REPO / "docs/performance.md"  # shows the same table
     begin, end = "<!-- bench:begin -->", "<!-- bench:end -->"
     table = text[text.index("| figure |") : text.index("\n\n", text.index("| figure |"))]
-    readme.write_text(re.sub(f"{begin}.*?{end}", lambda _: f"{begin}\n{table}\n{end}", readme.read_text(), flags=re.S))
+    page.write_text(re.sub(f"{begin}.*?{end}", lambda _: f"{begin}\n{table}\n{end}", page.read_text(), flags=re.S))
     print(text)
 
 

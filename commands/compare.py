@@ -3,7 +3,7 @@
 A run belongs to a setting when its config (seed aside) equals that preset's composition of conf/:
 the `config.hash_without_seed` tag. Per setting and seed the latest finished run of committed code
 counts (tag `git.dirty` false), else the latest finished run, marked in the table. Writes
-reports/comparison.{md,csv,png} and refreshes the table in README.md. Nothing here is typed by
+reports/comparison.{md,csv,png}, which README.md links and shows. Nothing here is typed by
 hand except the source article's claimed figures, shown beside the measured ones.
 
 A store with fewer runs of a setting than the committed table (a fresh clone's, say) never
@@ -15,7 +15,6 @@ import os
 import re
 import sys
 import tempfile
-from pathlib import Path
 
 import mlflow
 import numpy as np
@@ -32,8 +31,6 @@ MARKDOWN_FILE = REPORTS_DIR / "comparison.md"
 CSV_FILE = REPORTS_DIR / "comparison.csv"
 PER_CLASS_FILE = REPORTS_DIR / "comparison_per_class.csv"
 CHART_FILE = REPORTS_DIR / "comparison.png"
-README = Path("README.md")
-README_BEGIN, README_END = "<!-- comparison:begin -->", "<!-- comparison:end -->"
 UNCOMMITTED_MARK = "†"
 
 
@@ -227,15 +224,6 @@ def plot(runs_by_setting: dict, summary: pd.DataFrame) -> None:
     save_figure(figure, CHART_FILE)
 
 
-def update_readme(table: str) -> None:
-    if not README.exists():
-        return
-    text = README.read_text(encoding="utf-8")
-    pattern = re.compile(re.escape(README_BEGIN) + ".*?" + re.escape(README_END), re.DOTALL)
-    if pattern.search(text):
-        atomic_write_text(README, pattern.sub(lambda _: f"{README_BEGIN}\n{table}{README_END}", text))
-
-
 def check_not_poorer(summary: pd.DataFrame) -> None:
     """Refuses to replace the committed table with one that has fewer runs of some setting."""
     if not CSV_FILE.exists():
@@ -271,7 +259,6 @@ def compare(force: bool) -> None:
     atomic_write_text(MARKDOWN_FILE, table)
     if (summary.n > 0).any():
         plot(runs_by_setting, summary)
-    update_readme(table)
     print(table)
     print(f"compare: wrote {MARKDOWN_FILE}, {CSV_FILE}, {PER_CLASS_FILE}, {CHART_FILE}", file=sys.stderr)
 

@@ -178,7 +178,7 @@ def auth_config(database: str) -> str:
     with os.fdopen(descriptor, "w") as config:
         config.write(
             "[mlflow]\n"
-            "# Nobody reads or writes anything until granted (README: Scaling out).\n"
+            "# Nobody reads or writes anything until granted (docs/team.md).\n"
             "default_permission = NO_PERMISSIONS\n"
             f"database_uri = {database}\n"
             f"admin_username = {username}\n"

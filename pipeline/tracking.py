@@ -380,8 +380,8 @@ def log_artifacts(paths: list[Path], artifact_path: str) -> None:
 
 
 @store_faults()
-def runs_url(host: str, port: int) -> None:
-    """`make ui`, before starting the UI: checks that the port is free, prints the runs table's link."""
+def runs_url(host: str, port: int) -> str:
+    """`make ui`, before starting the UI: checks that the port is free; the runs table's link."""
     import socket
 
     with socket.socket() as probe:
@@ -395,18 +395,75 @@ def runs_url(host: str, port: int) -> None:
     connect()
     # MLflow 3 opens an experiment on its GenAI overview; #/experiments/<id>/runs is the runs table,
     # here sorted by test accuracy, best first (the URL carries the sort; columns are chosen in the UI).
-    print(
+    return (
         f"Training runs: http://{host}:{port}/#/experiments/{experiment_id()}/runs"
         "?orderByKey=metrics.%60test_accuracy%60&orderByAsc=false"
     )
 
 
+# What `mlflow ui` says that is no error: each worker's warning that a Starlette module MLflow imports is
+# deprecated (mlflow/server/fastapi_app.py: starlette.middleware.wsgi), and its note that the default host
+# checks are on. Uvicorn's and MLflow's INFO lines are held back by their own
+# log-level settings (UI_QUIET_ARGS, MLFLOW_LOGGING_LEVEL).
+UI_NOT_ERRORS = ("[MLflow] Security middleware enabled with default settings",)
+UI_WARNING_FILTER = "ignore:starlette.middleware.wsgi is deprecated"
+UI_QUIET_ARGS = ("--uvicorn-opts", "--log-level warning --no-access-log")
+
+
+def serve_ui(host: str, port: int, command: list[str]) -> int:
+    """`make ui`: runs `command` (mlflow ui ...) and prints the runs table's link once the server answers.
+
+    Its terminal keeps that line and what the server reports as a problem; a click on the link works.
+    """
+    import threading
+    import time
+
+    link = runs_url(host, port)
+    environment = dict(os.environ)
+    environment.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
+    environment["PYTHONWARNINGS"] = ",".join(filter(None, [environment.get("PYTHONWARNINGS"), UI_WARNING_FILTER]))
+    server = subprocess.Popen([*command, *UI_QUIET_ARGS], env=environment, stderr=subprocess.PIPE, text=True)
+
+    def forward_errors() -> None:
+        for line in server.stderr:
+            if not line.startswith(UI_NOT_ERRORS):
+                sys.stderr.write(line)
+                sys.stderr.flush()
+
+    threading.Thread(target=forward_errors, daemon=True).start()
+    loopback = {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(host, host)
+    health = f"http://{'[' + loopback + ']' if ':' in loopback else loopback}:{port}/health"
+    try:
+        while server.poll() is None:
+            try:
+                urllib.request.urlopen(health, timeout=2).close()
+                print(link, flush=True)
+                break
+            except OSError:
+                time.sleep(0.5)
+        return server.wait()
+    except KeyboardInterrupt:  # Ctrl-C (or a SIGTERM, see guard): the server stops with this command
+        server.terminate()
+        server.wait()
+        return 130
+
+
 if __name__ == "__main__":
     import argparse
 
-    parser = argparse.ArgumentParser(description="The MLflow UI's link to the training runs (`make ui`).")
-    parser.add_argument("command", choices=["runs-url"])
+    parser = argparse.ArgumentParser(
+        description="`make ui`: the MLflow UI, and its link to the training runs.",
+        epilog="ui runs the server command given after --, and prints the link once it answers.",
+    )
+    parser.add_argument("command", choices=["runs-url", "ui"])
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=5000)
-    arguments = parser.parse_args()
-    guard("ui", runs_url, arguments.host, arguments.port)
+    own = sys.argv[1:]
+    server = own[own.index("--") + 1 :] if "--" in own else []
+    arguments = parser.parse_args(own[: len(own) - len(server) - (1 if server else 0)])
+    if arguments.command == "runs-url":
+        guard("ui", lambda: print(runs_url(arguments.host, arguments.port)))
+    elif not server:
+        parser.error("ui needs the server's command after --")
+    else:
+        guard("ui", lambda: sys.exit(serve_ui(arguments.host, arguments.port, server)))

@@ -31,6 +31,7 @@ NEEDS_POSTGRES = pytest.mark.skipif(
     not POSTGRES_BIN or not shutil.which("runuser"), reason="Debian's postgresql is not installed (.ci/run installs it)"
 )
 TINY = ["data.limit=300", "train.epochs=1"]
+CHROMIUM = shutil.which("chromium")
 SECRET = "s3cr3t-token-that-must-never-be-logged"
 
 
@@ -231,3 +232,22 @@ def served_classes(project: Path, env: dict, count: int, **variables: str) -> np
             return np.asarray(json.load(response)["predictions"]).argmax(axis=1)
     finally:
         stop(server)
+
+
+def render(url: str, screenshot: Path, height: int = 1400) -> str:
+    """The page's DOM after its scripts ran, and a screenshot `height` pixels tall, from headless Chromium."""
+    flags = [
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-quic",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        f"--user-data-dir={screenshot.parent / 'chromium-profile'}",
+        f"--window-size=1600,{height}",
+        "--virtual-time-budget=20000",
+    ]
+    subprocess.run([CHROMIUM, *flags, f"--screenshot={screenshot}", url], capture_output=True, timeout=120)
+    return subprocess.run([CHROMIUM, *flags, "--dump-dom", url], capture_output=True, text=True, timeout=120).stdout

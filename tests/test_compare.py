@@ -2,7 +2,6 @@
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 import urllib.parse
@@ -14,11 +13,9 @@ import pandas as pd
 import psutil
 import pytest
 
-from commands.compare import README_BEGIN, README_END
-from tests.helpers import REPO, environment, free_port, make_project, run, stop, venv_for, wait_for
+from tests.helpers import CHROMIUM, environment, free_port, make_project, render, run, stop, venv_for, wait_for
 
 SWEPT = ["default", "lr_x10"]
-CHROMIUM = shutil.which("chromium")
 
 
 @pytest.fixture(scope="module")
@@ -71,9 +68,7 @@ def test_table_is_regenerated_from_the_tracked_runs(tiny_sweep):
     per_class = pd.read_csv(project / "reports/comparison_per_class.csv")
     assert list(per_class.digit) == list(range(10)) and set(SWEPT) <= set(per_class.columns)
     assert (project / "reports/comparison.png").read_bytes()[:4] == b"\x89PNG"
-    markdown = (project / "reports/comparison.md").read_text()
-    assert markdown in readme_table(project / "README.md")
-    assert "†" not in markdown  # the sweep's runs are of committed code
+    assert "†" not in (project / "reports/comparison.md").read_text()  # the sweep's runs are of committed code
 
 
 @pytest.mark.slow
@@ -139,17 +134,6 @@ def test_a_queued_experiment_runs_its_preset_as_it_was_queued(tmp_path, mnist_ur
     assert trained.data.tags["git.dirty"] == "false"
 
 
-def readme_table(readme: Path) -> str:
-    text = readme.read_text()
-    return text[text.index(README_BEGIN) + len(README_BEGIN) : text.index(README_END)].strip("\n") + "\n"
-
-
-def test_readme_table_is_the_regenerated_file():
-    assert readme_table(REPO / "README.md") == (REPO / "reports/comparison.md").read_text(), (
-        "README.md's table differs from reports/comparison.md: run `make compare` and commit both"
-    )
-
-
 @pytest.fixture
 def mlflow_ui(tiny_sweep):
     """`make ui` on a free loopback port, over the sweep's store; stopped with its workers."""
@@ -171,25 +155,6 @@ def mlflow_ui(tiny_sweep):
         yield url, port
     finally:
         stop(server)
-
-
-def render(url: str, screenshot: Path) -> str:
-    """The page's DOM after its scripts ran, and a screenshot, from headless Chromium."""
-    flags = [
-        "--headless",
-        "--no-sandbox",
-        "--disable-gpu",
-        "--disable-quic",
-        "--no-first-run",
-        "--disable-background-networking",
-        "--disable-component-update",
-        "--disable-sync",
-        f"--user-data-dir={screenshot.parent / 'chromium-profile'}",
-        "--window-size=1600,1400",
-        "--virtual-time-budget=20000",
-    ]
-    subprocess.run([CHROMIUM, *flags, f"--screenshot={screenshot}", url], capture_output=True, timeout=120)
-    return subprocess.run([CHROMIUM, *flags, "--dump-dom", url], capture_output=True, text=True, timeout=120).stdout
 
 
 @pytest.mark.slow

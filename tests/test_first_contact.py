@@ -4,12 +4,15 @@ import json
 import socket
 import subprocess
 import sys
+import time
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
 
 import pandas as pd
 import pytest
 import yaml
 
-from tests.helpers import CI_MARKERS, REPO, environment, error_lines, free_port, git, make_project, run
+from tests.helpers import CI_MARKERS, REPO, environment, error_lines, free_port, git, make_project, run, stop
 
 # The project copies have no .venv of their own: the tests' interpreter stands in for it.
 MAKE = ["make", "--no-print-directory", "-o", ".venv/.installed"]
@@ -107,6 +110,12 @@ def test_make_params_refuses_a_bad_override_in_one_line(tmp_path, mnist_url, ove
     assert (project / "params.yaml").read_bytes() == before
 
 
+def test_make_help_shows_the_values_it_will_use():
+    result = subprocess.run([*MAKE, "help", "PORT=6123"], cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert "$(" not in result.stdout, [line for line in result.stdout.splitlines() if "$(" in line]
+    assert "http://127.0.0.1:6123" in result.stdout and "IDLE=30 minutes" in result.stdout
+
+
 def test_make_ui_on_a_busy_port_fails_in_one_line(mnist_url):
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
@@ -127,9 +136,36 @@ def test_make_ui_on_a_busy_port_fails_in_one_line(mnist_url):
     ]
 
 
+@pytest.mark.slow
+def test_make_ui_prints_its_link_when_the_ui_answers_and_nothing_else(tmp_path, mnist_url):
+    project = make_project(tmp_path)
+    port = free_port()
+    server = subprocess.Popen(
+        [*MAKE, "ui", f"PORT={port}", "UI_ARGS=--workers 1"],
+        cwd=project,
+        env=environment(mnist_url),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        with ThreadPoolExecutor(1) as reader:
+            first = reader.submit(server.stdout.readline).result(timeout=180)
+        # A click at once works: the server answers as soon as the link is there, and logs no request.
+        for path in ("/health", "/"):
+            urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=5).close()
+        time.sleep(2)
+    finally:
+        stop(server)
+    rest = [line for line in server.stdout.read().splitlines() if not line.startswith("make: ***")]  # make: killed
+    assert first.startswith(f"Training runs: http://127.0.0.1:{port}/#/experiments/1/runs"), first
+    assert rest == [], rest
+
+
 def test_compare_never_replaces_the_committed_table_with_a_poorer_one(tmp_path, mnist_url):
-    project = make_project(tmp_path)  # the committed README and reports/comparison.*, an empty store
-    kept = [project / "README.md", *sorted((project / "reports").glob("comparison*"))]
+    project = make_project(tmp_path)  # the committed reports/comparison.*, an empty store
+    kept = sorted((project / "reports").glob("comparison*"))
     before = {path: path.read_bytes() for path in kept}
     result = run(project, [sys.executable, "-m", "commands.compare"], environment(mnist_url), check=False)
     assert result.returncode == 1
