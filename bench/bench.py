@@ -108,6 +108,8 @@ def summary(values: list[float]) -> str:
 
 def bench(repeats: int, cnn: bool) -> None:
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    # The cold figures with no warm process at all; measure_warm turns the default back on.
+    env["PIPELINE_WARM"] = "0"
     env.pop("MLFLOW_TRACKING_URI", None)
     env.pop("DVC_ROOT", None)
     if not env.get("MNIST_MIRROR"):
@@ -130,6 +132,7 @@ def bench(repeats: int, cnn: bool) -> None:
             "quick_bare",
             "import_keras",
             "import_mlflow",
+            "first_quick_experiment",
             "warm_start",
             "warm_train",
             "warm_fit",
@@ -182,23 +185,43 @@ def measure_repeat(project: Path, env: dict, repeat: int, measured: dict) -> Non
     print(
         f"bench: repeat {repeat + 1}: fresh repro {measured['fresh_repro'][-1]:.1f} s "
         f"(fit {measured['stage_fit'][-1]:.1f} s), bare {seconds:.1f} s (fit {bare['fit_seconds']:.1f} s), "
-        f"quick experiment {measured['quick_experiment'][-1]:.1f} s; with `make warm`: fresh repro "
-        f"{measured['warm_fresh_repro'][-1]:.1f} s, quick experiment {measured['warm_quick_experiment'][-1]:.1f} s",
+        f"quick experiment {measured['quick_experiment'][-1]:.1f} s; with the warm process on by default: "
+        f"first quick experiment {measured['first_quick_experiment'][-1]:.1f} s, "
+        f"the next {measured['warm_quick_experiment'][-1]:.1f} s, fresh repro {measured['warm_fresh_repro'][-1]:.1f} s",
         file=sys.stderr,
     )
 
 
 def measure_warm(project: Path, env: dict, measured: dict) -> None:
-    """The train stage, the quick experiment and a fresh repro again, with `make warm`'s process up."""
-    measured["warm_start"].append(timed([sys.executable, "-m", "commands.warm", "start"], project, env)[0])
+    """The warm process as a user meets it, with nothing typed: the first quick experiment runs cold and
+    starts it in the background; the quick experiments after it, the train stage and a fresh repro run
+    as its forks."""
+    env = {**env, "PIPELINE_WARM": "1"}  # the default outside CI, whatever the bench runs under
     try:
-        measured["warm_train"].append(timed([sys.executable, "-m", "pipeline.train"], project, env)[0])
-        measured["warm_fit"].append(latest_run(project)[0])
+        measured["first_quick_experiment"].append(timed(QUICK_EXPERIMENT, project, env)[0])
+        measured["warm_start"].append(warm_ready_seconds(project))  # the user edits meanwhile
         measured["warm_quick_experiment"].append(timed(QUICK_EXPERIMENT, project, env)[0])
         back_to_committed_setting(project, env)
+        measured["warm_train"].append(timed([sys.executable, "-m", "pipeline.train"], project, env)[0])
+        measured["warm_fit"].append(latest_run(project)[0])
         measured["warm_fresh_repro"].append(timed(["dvc", "repro", "--force"], project, env)[0])
+        served = (project / ".dvc/tmp/warm/log").read_text().count(" exit 0 after ")
+        if served < 2 * len(STAGES) + 3:  # the second quick experiment, the train stage and the repro
+            sys.exit(f"bench: the warm process ran {served} stages: see {project / '.dvc/tmp/warm/log'}")
     finally:
         timed([sys.executable, "-m", "commands.warm", "stop"], project, env)
+        (project / ".dvc/tmp/warm/log").unlink(missing_ok=True)
+
+
+def warm_ready_seconds(project: Path, seconds: float = 600) -> float:
+    """Waits until the warm process the first stage started is ready; returns how long it took to start
+    (its log's "ready in ... s")."""
+    log, deadline = project / ".dvc/tmp/warm/log", time.monotonic() + seconds
+    while not (ready := re.search(r"warm: ready in ([\d.]+) s", log.read_text() if log.exists() else "")):
+        if time.monotonic() > deadline:
+            sys.exit(f"bench: no warm process became ready in {seconds:.0f} s: see {log}")
+        time.sleep(0.5)
+    return float(ready[1])
 
 
 def measure_stages(project: Path, env: dict, overrides: list[str] = ()) -> dict[str, StageCost]:
@@ -374,41 +397,49 @@ def write_results(measured: dict, stages: dict, quick_stages: dict, cnn_runs: li
             1.3,
         ),
         row("no-op `dvc repro`", fastest["noop_repro"], f"{summary(measured['noop_repro'])} s", 2, unit=" s"),
-        # The same targets with `make warm` up: the stages run as forks of a process that has imported everything.
+        # The warm process on by default: the first stage that finds none starts it in the background.
         row(
-            "with `make warm`: train stage whole process / bare script whole process",
-            fastest["warm_train"] / fastest["bare_total"],
-            f"{fastest['warm_train'] / fastest['bare_total']:.2f} ({summary(measured['warm_train'])} s)",
-            0.60,
-        ),
-        row(
-            "with `make warm`: fixed cost per training (train stage outside `fit`, tracking on)",
-            warm_fixed_cost,
-            f"{warm_fixed_cost:.1f} s",
-            3,
+            "first quick experiment, cold (it starts the warm process in the background)",
+            fastest["first_quick_experiment"],
+            f"{summary(measured['first_quick_experiment'])} s (without starting one: "
+            f"{summary(measured['quick_experiment'])} s)",
+            10,
             unit=" s",
         ),
         row(
-            "with `make warm`: quick experiment",
+            "second and later quick experiments (no `make warm` typed: the first started it)",
             fastest["warm_quick_experiment"],
             f"{summary(measured['warm_quick_experiment'])} s",
             10,
             unit=" s",
         ),
         row(
-            "with `make warm`: quick experiment / bare script on the same 2,000 images",
+            "second and later quick experiments / bare script on the same 2,000 images",
             fastest["warm_quick_experiment"] / fastest["quick_bare"],
             f"{fastest['warm_quick_experiment'] / fastest['quick_bare']:.2f}",
             2.5,
         ),
         row(
-            "with `make warm`: fresh `dvc repro --force` / bare script whole process",
+            "with the warm process up: train stage whole process / bare script whole process",
+            fastest["warm_train"] / fastest["bare_total"],
+            f"{fastest['warm_train'] / fastest['bare_total']:.2f} ({summary(measured['warm_train'])} s)",
+            0.60,
+        ),
+        row(
+            "with the warm process up: fixed cost per training (train stage outside `fit`, tracking on)",
+            warm_fixed_cost,
+            f"{warm_fixed_cost:.1f} s",
+            3,
+            unit=" s",
+        ),
+        row(
+            "with the warm process up: fresh `dvc repro --force` / bare script whole process",
             fastest["warm_fresh_repro"] / fastest["bare_total"],
             f"{fastest['warm_fresh_repro'] / fastest['bare_total']:.2f} ({summary(measured['warm_fresh_repro'])} s)",
             1.3,
         ),
-        f"| `make warm` itself: its start-up, paid once (it stays up until 30 minutes without a stage) "
-        f"| {summary(measured['warm_start'])} s | - | - |",
+        f"| the warm process's start-up, in the background of the first experiment (it stays up until "
+        f"30 minutes without a stage) | {summary(measured['warm_start'])} s | - | - |",
         # No targets: where the time outside the arithmetic goes, measured in the same run.
         f"| a fresh Python process importing Keras with TensorFlow (the train and evaluate stages, the bare script) "
         f"| {summary(measured['import_keras'])} s | - | - |",

@@ -3,7 +3,7 @@
 
 `python -m pipeline.train` imports the package before the module, so pipeline/__init__.py calls start()
 there: the defaults below apply before TensorFlow or MLflow is imported, and a stage can run as a fork of
-`make warm`'s process (commands/warm.py) before it pays those imports itself.
+the warm process (commands/warm.py) before it pays those imports itself, or start one for the stages after it.
 """
 
 import os
@@ -57,7 +57,8 @@ def main_module() -> str | None:
 
 
 def start(module: str) -> None:
-    """An entry point's first step: the defaults, then, for a stage, the hand-over to a warm process."""
+    """An entry point's first step: the defaults, then, for a stage, the hand-over to the warm process
+    (which returns when the stage is to run here, after starting one in the background if none is up)."""
     apply_defaults()
     if module.startswith("pipeline."):
         from commands import warm
