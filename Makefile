@@ -25,18 +25,16 @@ flag = $(if $(filter 1 yes true,$(call given,$(1))),$(2))
 
 ## help: this list
 help:
-	@sed -n 's/^## //p' $(MAKEFILE_LIST) | sed 's/$$(HOST)/$(HOST)/g; s/$$(PORT)/$(PORT)/g; s/$$(IDLE)/$(IDLE)/g; s/$$(SERVE_PORT)/$(SERVE_PORT)/g'
+	@sed -n 's/^## //p' $(MAKEFILE_LIST) | sed 's/$$(HOST)/$(HOST)/g; s/$$(PORT)/$(PORT)/g; s/$$(SERVE_PORT)/$(SERVE_PORT)/g'
 
 ## run: the whole pipeline (`dvc repro`: conf/ composed into params.yaml when it changed, then the five stages)
 run: $(INSTALLED)
 	dvc repro
 
-## warm: keep one process of this project with TensorFlow, MLflow & co. imported, so that the stages of
-##   `dvc repro` and `dvc exp run` run as forks of it without importing them again (`make bench` measures
-##   the gain); same results. It stops after IDLE=30 minutes without a stage, or with `make cold`
-IDLE ?= 30
+## warm: start the warm process now and wait until it is ready (stages start one themselves unless
+##   PIPELINE_WARM=0: docs/warm.md); it stops after IDLE minutes without a stage (default 30), or with `make cold`
 warm: $(INSTALLED)
-	python -m commands.warm start --idle-minutes $(IDLE)
+	python -m commands.warm start $(call option,IDLE,--idle-minutes)
 
 ## cold: stop `make warm`'s process (stages it is running finish)
 cold: $(INSTALLED)

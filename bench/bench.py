@@ -366,7 +366,7 @@ def write_results(measured: dict, stages: dict, quick_stages: dict, cnn_runs: li
             "fixed cost per training (train stage outside `fit`, tracking on)",
             fixed_cost,
             f"{fixed_cost:.1f} s (bare script outside its `fit`: {bare_fixed_cost:.1f} s)",
-            3,
+            5,
             unit=" s",
         ),
         row(
@@ -403,21 +403,21 @@ def write_results(measured: dict, stages: dict, quick_stages: dict, cnn_runs: li
             fastest["first_quick_experiment"],
             f"{summary(measured['first_quick_experiment'])} s (without starting one: "
             f"{summary(measured['quick_experiment'])} s)",
-            10,
+            18,
             unit=" s",
         ),
         row(
             "second and later quick experiments (no `make warm` typed: the first started it)",
             fastest["warm_quick_experiment"],
             f"{summary(measured['warm_quick_experiment'])} s",
-            10,
+            8,
             unit=" s",
         ),
         row(
             "second and later quick experiments / bare script on the same 2,000 images",
             fastest["warm_quick_experiment"] / fastest["quick_bare"],
             f"{fastest['warm_quick_experiment'] / fastest['quick_bare']:.2f}",
-            2.5,
+            1.5,
         ),
         row(
             "with the warm process up: train stage whole process / bare script whole process",

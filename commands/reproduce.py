@@ -89,6 +89,8 @@ def apply_params(worktree: Path, params: dict[str, str]) -> None:
 def dvc(worktree: Path, *arguments: str) -> None:
     # The worktree is its own DVC project: DVC_ROOT must not point back at this repository.
     env = {key: value for key, value in runtime.caller_environment.items() if key != "DVC_ROOT"}
+    # A warm process started in the scratch checkout would only compete for the CPU, then linger.
+    env.setdefault("PIPELINE_WARM", "0")
     result = subprocess.run(["dvc", *arguments], cwd=worktree, env=env)
     if result.returncode != 0:
         raise PipelineError(f"`dvc {' '.join(arguments)}` failed in the worktree (exit {result.returncode})")
