@@ -44,9 +44,12 @@ def test_params_that_disagree_with_conf_and_record_nothing_stop_dvc_repro(tmp_pa
     result = run(project, ["dvc", "repro"], environment(mnist_url), check=False)
     assert result.returncode != 0
     [line] = error_lines(result.stderr)
-    assert line.startswith(
-        "error: params: params.yaml differs from conf/ (data.limit is 300 there, None in conf/; "
-        "train.epochs is 1 there, 5 in conf/) and does not record how it was composed"
+    assert line == (
+        "error: params: params.yaml is not the composition of conf/ and records no composition (`dvc exp run`, "
+        "`dvc exp apply` or an edit by hand wrote it): data.limit is 300 there, None in conf/; "
+        "train.epochs is 1 there, 5 in conf/. Put the change in conf/ or an override "
+        '(`make params OVERRIDES="key=value ..."`), or discard it: `make reset` returns the workspace to the '
+        "committed configuration"
     )
     assert "Traceback" not in result.stderr
     assert not (project / "data/raw").exists()
