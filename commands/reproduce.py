@@ -26,12 +26,11 @@ import tempfile
 from pathlib import Path
 
 import mlflow
-import yaml
 from mlflow.exceptions import MlflowException
 from omegaconf import OmegaConf
 
 from pipeline import numerics, runtime, tracking
-from pipeline.config import PARAMS_FILE, recorded_composition
+from pipeline.config import HEADER, PARAMS_FILE, recorded_composition
 from pipeline.data_io import METRICS_FILE, RUN_FILE
 from pipeline.errors import PipelineError, guard
 from pipeline.tracking import git
@@ -81,13 +80,22 @@ def expected_from_run(run_id: str) -> tuple[str, dict, dict, dict | None]:
 
 
 def apply_params(worktree: Path, params: dict[str, str]) -> None:
-    """Writes a run's params (strings in MLflow) over the params.yaml of its commit."""
+    """Writes a run's params (strings in MLflow) over the params.yaml of its commit, each value that
+    differs also as an override in the header, so that params.yaml stays the composition of conf/ with
+    its recorded overrides (the `params` stage refuses anything else)."""
     params_file = worktree / PARAMS_FILE
     config = OmegaConf.load(params_file)
-    for key, value in params.items():
-        OmegaConf.update(config, key, None if value == "None" else yaml.safe_load(value), force_add=False)
-    # Keep the header: it tells the `params` stage that conf/ has not changed since, so these values stand.
-    header = params_file.read_text().partition("\n")[0] if recorded_composition(params_file) else ""
+    recorded = recorded_composition(params_file)
+    overrides = list(recorded[1]) if recorded else []
+    for key, text in params.items():
+        # OmegaConf's YAML reads 1e-05 as the float it was (PyYAML's, as a string)
+        value = None if text == "None" else OmegaConf.to_container(OmegaConf.create(f"value: {text}"))["value"]
+        if OmegaConf.select(config, key, default=object()) == value:
+            continue
+        OmegaConf.update(config, key, value, force_add=False)
+        overrides = [override for override in overrides if override.split("=", 1)[0].lstrip("+~") != key]
+        overrides.append(f"{key}={json.dumps(value)}")  # JSON's numbers, strings, lists, null: Hydra's too
+    header = HEADER.format(digest=recorded[0], overrides=json.dumps(overrides)) if recorded else ""
     params_file.write_text(f"{header}\n{OmegaConf.to_yaml(config)}".lstrip())
 
 

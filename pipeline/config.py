@@ -331,7 +331,8 @@ def compose(overrides: list[str] = (), conf_dir: Path = CONF_DIR) -> DictConfig:
 
 def composition_error(overrides: list[str], error: Exception) -> PipelineError:
     """The one line for conf/ plus overrides that Hydra or the schema refuses (also hydra_plugins/' in DVC)."""
-    reason = " ".join(str(error).split())
+    # Hydra's list of where it looked for a missing config names its internals, not the user's mistake.
+    reason = " ".join(str(error).split()).split(" Config search path:")[0]
     unknown = re.match(r"Could not override '(([^'.]+)\.[^']+)'", reason)
     if unknown and unknown[2] in SECTIONS:  # Hydra's hint (append with +) would fail the schema
         schemas = [SECTIONS[unknown[2]]] if SECTIONS[unknown[2]] else list(MODELS.values())

@@ -53,6 +53,11 @@ def untrained(tmp_path, mnist_url):
         ("+train.epoch=3", f"unknown key 'train.epoch'; allowed in train: {TRAIN_KEYS}"),
         ('train.learning_rate="0.01"', "train.learning_rate must be a number, got '0.01'"),
         ("train.learning_rate=inf", "train.learning_rate must be a finite number, got inf"),
+        (
+            "+experiment=lr_x1O",
+            "In 'config': Could not find 'experiment/lr_x1O' Available options in 'experiment': batch_x10 cnn "
+            "default epochs_x10 lr_x10 tuned",
+        ),
     ],
 )
 def test_dvc_exp_run_refuses_a_bad_override_before_anything_runs(untrained, override, reason):
@@ -156,6 +161,21 @@ def test_read_only_commands_report_a_missing_store_and_create_none(untrained, co
         "MLFLOW_TRACKING_URI at the store that holds them"
     ]
     assert not store.exists() and not (project / "mlflow.db.lock").exists()
+
+
+def test_make_reset_on_a_clone_without_outputs_restores_params_and_names_what_dvc_pull_fetches(untrained):
+    project, env = untrained
+    params = project / "params.yaml"
+    params.write_text(params.read_text().replace("seed: 0", "seed: 7"))
+    result = run(project, [*MAKE, "reset"], env)
+    assert result.stdout.strip().splitlines()[-1] == (
+        "reset: dvc.lock, params.yaml, reports/metrics.json, reports/numerics.json as committed, and the outputs "
+        "dvc.lock names from DVC's cache; not in DVC's cache: data/predictions, data/prepared, data/raw, "
+        "models/model.keras, models/run.json, reports/classification_report.json, reports/error_analysis, "
+        "reports/training_curves.png, reports/training_history.csv (`dvc pull` fetches them, `dvc repro` "
+        "recomputes them)"
+    )
+    assert git(project, "status", "--porcelain") == ""
 
 
 @pytest.mark.slow

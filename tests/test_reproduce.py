@@ -8,7 +8,7 @@ import pytest
 
 from commands.reproduce import CROSS_ENVIRONMENT_TOLERANCE
 from pipeline import numerics
-from tests.helpers import copy_project, environment, error_lines, git, make_project, run
+from tests.helpers import TINY, copy_project, environment, error_lines, git, make_project, run
 
 pytestmark = pytest.mark.slow  # every test here runs the pipeline end to end
 
@@ -25,8 +25,7 @@ def tagged_original(tmp_path_factory, mnist_url):
     git(project, "tag", "v1")
     tagged_metrics = json.loads((project / "reports/metrics.json").read_text())
 
-    params = project / "params.yaml"
-    params.write_text(params.read_text().replace("learning_rate: 0.001", "learning_rate: 0.003"))
+    run(project, [sys.executable, "-m", "pipeline.config", *TINY, "train.learning_rate=0.003"], env)
     run(project, ["dvc", "repro", "evaluate"], env)
     assert json.loads((project / "reports/metrics.json").read_text()) != tagged_metrics
     return project, env, tagged_metrics
