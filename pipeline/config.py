@@ -403,16 +403,14 @@ def sync(conf_dir: Path = CONF_DIR, params_file: Path = PARAMS_FILE) -> None:
         try:
             validate(read(params_file))
         except PipelineError as error:
-            raise PipelineError(
-                f"{params_file}: {error}; nothing ran, every output is in place; {RESET_HINT}"
-            ) from None
+            kept = "no stage after this one ran, every output is in place"
+            raise PipelineError(f"{params_file}: {error}; {kept}; {RESET_HINT}") from None
         return
-    read(params_file)  # there, and YAML
+    before = OmegaConf.to_container(read(params_file))
     recorded = recorded_composition(params_file)
     overrides = recorded[1] if recorded else []
     unchanged_conf = recorded is not None and recorded[0] == conf_digest(conf_dir)
     composed = compose(overrides, conf_dir)
-    before = OmegaConf.to_container(read(params_file))
     changes = changed_values(before, composed)
     if changes and (unchanged_conf or recorded is None):
         with_overrides = f"conf/ with {' '.join(overrides)}" if overrides else "conf/"

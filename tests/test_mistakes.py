@@ -109,7 +109,7 @@ def test_the_params_stage_of_an_experiment_refuses_bad_params_before_the_stages_
     assert result.returncode == 1
     assert error_lines(result.stderr) == [
         f"error: params: params.yaml: unknown key 'train.epoch'; allowed in train: {TRAIN_KEYS}; "
-        f"nothing ran, every output is in place; {RESET}"
+        f"no stage after this one ran, every output is in place; {RESET}"
     ]
 
 
