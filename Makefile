@@ -21,7 +21,7 @@ given = $(if $(filter command line,$(origin $(1))),$($(1)))
 option = $(if $(call given,$(1)),$(2) '$(call given,$(1))')
 flag = $(if $(filter 1 yes true,$(call given,$(1))),$(2))
 
-.PHONY: help run warm cold test test-fast lint docs docs-serve params ui server serve promote sweep tune compare reproduce push pull bench numerics lock clean
+.PHONY: help run warm cold test test-fast lint docs docs-serve params reset ui server serve promote sweep tune compare reproduce push pull bench numerics lock clean
 
 ## help: this list
 help:
@@ -74,8 +74,14 @@ docs-serve: $(INSTALLED)
 params: $(INSTALLED)
 	python -m pipeline.config $(OVERRIDES)
 
+## reset: back to the committed configuration after overrides, experiments or mistakes: the committed
+##   params.yaml and dvc.lock, and the outputs they name from DVC's cache (conf/, the code, DVC's
+##   experiments and the MLflow runs stay)
+reset: $(INSTALLED)
+	python -m pipeline.config --reset
+
 ## ui: the MLflow UI over the project's store, on http://$(HOST):$(PORT); prints the link once it answers
-# (MLflow's usage events off unless MLFLOW_DISABLE_TELEMETRY=false, as pipeline/__init__.py says why).
+# (MLflow's usage events off unless MLFLOW_DISABLE_TELEMETRY=false, as pipeline/runtime.py says why).
 # The registry store is named so that MLflow does not print that it defaulted to the tracking store.
 UI_STORE = $${MLFLOW_TRACKING_URI:-sqlite:///$(CURDIR)/mlflow.db}
 ui: $(INSTALLED)
@@ -114,12 +120,14 @@ sweep: $(INSTALLED)
 
 ## tune: an Optuna study (TPE) over conf/search/mlp.yaml (SPACE=): TRIALS=20 finished trials, each a
 ##   DVC experiment and an MLflow run, chosen on validation accuracy, one at a time; then the best
-##   setting is written to conf/experiment/tuned.yaml and re-run with CONFIRM_SEEDS=3 seeds for `make compare`.
+##   setting is written to conf/experiment/tuned.yaml and re-run with CONFIRM_SEEDS=3 seeds for `make compare`
+##   (a study of fewer trials than the one that wrote it replaces it only with FORCE=1).
 ##   Run again to continue the study. STUDY_STORAGE=postgresql://... (default sqlite:///optuna.db)
 ##   lets workers on several machines join one study; STUDY= names it (default: the space's name).
 tune: $(INSTALLED)
 	python -m commands.tune $(call option,SPACE,--space) $(call option,TRIALS,--trials) \
-		$(call option,STUDY_STORAGE,--storage) $(call option,STUDY,--study) $(call option,CONFIRM_SEEDS,--confirm-seeds)
+		$(call option,STUDY_STORAGE,--storage) $(call option,STUDY,--study) $(call option,CONFIRM_SEEDS,--confirm-seeds) \
+		$(call flag,FORCE,--force)
 
 ## compare: regenerate reports/comparison.{md,csv,png} from the tracked MLflow runs
 ##   (refuses to replace them with a table of fewer runs unless FORCE=1)

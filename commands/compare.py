@@ -247,7 +247,7 @@ def check_not_poorer(summary: pd.DataFrame) -> None:
 @tracking.store_faults()
 def compare(force: bool) -> None:
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # one bar per run is noise here
-    tracking.connect()
+    tracking.connect(existing=True)
     runs_by_setting = setting_runs()
     summary = summary_table(runs_by_setting)
     if not force:

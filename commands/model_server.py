@@ -53,7 +53,7 @@ def model_uri(run_id: str | None, model: str | None) -> str:
 
 @tracking.store_faults()
 def serve(run_id: str | None, model: str | None, host: str, port: int) -> None:
-    tracking.connect()
+    tracking.connect(existing=True)
     uri = model_uri(run_id, model)
     print(f"serve: {uri} on http://{host}:{port}/invocations (Ctrl-C stops it)", file=sys.stderr)
     sys.stdout.flush()
@@ -81,7 +81,7 @@ def serve(run_id: str | None, model: str | None, host: str, port: int) -> None:
 def promote(run_id: str | None) -> None:
     if not run_id:
         raise PipelineError("name the run to promote: `make promote RUN=<run id>` (`make ui` lists them)")
-    tracking.connect()
+    tracking.connect(existing=True)
     if tracking.run_state(run_id) != "active":
         raise PipelineError(f"no run {run_id} in {tracking.tracking_uri()} (or it is deleted)")
     version = mlflow.register_model(f"runs:/{run_id}/model", REGISTERED_MODEL)

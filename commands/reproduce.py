@@ -10,24 +10,28 @@ environment must give bit-identical metrics: tolerance 0, any difference fails. 
 instruction set, thread count, oneDNN setting or GPU gives slightly different weights: then the
 differences are named and each metric must lie within CROSS_ENVIRONMENT_TOLERANCE.
 TOLERANCE=<absolute> overrides both.
+
+The reproduction's MLflow run goes to this project's store (the worktree, and a store resolved inside
+it, are deleted at the end), in an experiment of its own (<experiment>-reproduce), so that `make compare`
+does not take it for a sweep's run; the last line names it.
 """
 
 import argparse
 import json
 import math
+import os
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
 import mlflow
-import yaml
 from mlflow.exceptions import MlflowException
 from omegaconf import OmegaConf
 
 from pipeline import numerics, runtime, tracking
-from pipeline.config import PARAMS_FILE, recorded_composition
-from pipeline.data_io import METRICS_FILE
+from pipeline.config import HEADER, PARAMS_FILE, recorded_composition
+from pipeline.data_io import METRICS_FILE, RUN_FILE
 from pipeline.errors import PipelineError, guard
 from pipeline.tracking import git
 
@@ -60,7 +64,7 @@ def expected_from_revision(revision: str) -> tuple[str, dict, None, dict | None]
 
 @tracking.store_faults()
 def expected_from_run(run_id: str) -> tuple[str, dict, dict, dict | None]:
-    tracking.connect()
+    tracking.connect(existing=True)
     try:
         run = mlflow.get_run(run_id)
     except MlflowException:
@@ -76,19 +80,39 @@ def expected_from_run(run_id: str) -> tuple[str, dict, dict, dict | None]:
 
 
 def apply_params(worktree: Path, params: dict[str, str]) -> None:
-    """Writes a run's params (strings in MLflow) over the params.yaml of its commit."""
+    """Writes a run's params (strings in MLflow) over the params.yaml of its commit, each value that
+    differs also as an override in the header, so that params.yaml stays the composition of conf/ with
+    its recorded overrides (the `params` stage refuses anything else)."""
     params_file = worktree / PARAMS_FILE
     config = OmegaConf.load(params_file)
-    for key, value in params.items():
-        OmegaConf.update(config, key, None if value == "None" else yaml.safe_load(value), force_add=False)
-    # Keep the header: it tells the `params` stage that conf/ has not changed since, so these values stand.
-    header = params_file.read_text().partition("\n")[0] if recorded_composition(params_file) else ""
+    recorded = recorded_composition(params_file)
+    overrides = list(recorded[1]) if recorded else []
+    for key, text in params.items():
+        # OmegaConf's YAML reads 1e-05 as the float it was (PyYAML's, as a string)
+        value = None if text == "None" else OmegaConf.to_container(OmegaConf.create(f"value: {text}"))["value"]
+        if OmegaConf.select(config, key, default=object()) == value:
+            continue
+        OmegaConf.update(config, key, value, force_add=False)
+        overrides = [override for override in overrides if override.split("=", 1)[0].lstrip("+~") != key]
+        overrides.append(f"{key}={json.dumps(value)}")  # JSON's numbers, strings, lists, null: Hydra's too
+    header = HEADER.format(digest=recorded[0], overrides=json.dumps(overrides)) if recorded else ""
     params_file.write_text(f"{header}\n{OmegaConf.to_yaml(config)}".lstrip())
 
 
-def dvc(worktree: Path, *arguments: str) -> None:
+@tracking.store_faults()
+def reproduction_store() -> dict[str, str]:
+    """The tracking settings of the worktree's stages: this project's store, the reproductions' experiment
+    created here first (with this project's artifact folder: the worktree's would go with it)."""
+    uri = tracking.connect()
+    experiment = f"{os.environ.get('MLFLOW_EXPERIMENT_NAME', tracking.DEFAULT_EXPERIMENT)}-reproduce"
+    os.environ["MLFLOW_EXPERIMENT_NAME"] = experiment
+    tracking.experiment_id()
+    return {"MLFLOW_TRACKING_URI": uri, "MLFLOW_EXPERIMENT_NAME": experiment}
+
+
+def dvc(worktree: Path, store: dict[str, str], *arguments: str) -> None:
     # The worktree is its own DVC project: DVC_ROOT must not point back at this repository.
-    env = {key: value for key, value in runtime.caller_environment.items() if key != "DVC_ROOT"}
+    env = {key: value for key, value in runtime.caller_environment.items() if key != "DVC_ROOT"} | store
     # A warm process started in the scratch checkout would only compete for the CPU, then linger.
     env.setdefault("PIPELINE_WARM", "0")
     result = subprocess.run(["dvc", *arguments], cwd=worktree, env=env)
@@ -150,6 +174,7 @@ def reproduce(revision: str | None, run_id: str | None, tolerance: float | None)
 
     config = Repo(str(root)).config
     remote = config["core"].get("remote")
+    store = reproduction_store()
     with tempfile.TemporaryDirectory(prefix="reproduce-") as scratch:
         worktree = Path(scratch) / "worktree"
         git("worktree", "add", "--detach", str(worktree), commit, check=True)
@@ -158,19 +183,25 @@ def reproduce(revision: str | None, run_id: str | None, tolerance: float | None)
             # What `dvc cache dir --local` and `dvc remote modify --local` would write, without two more processes.
             with Repo(str(worktree)) as copy, copy.config.edit("local") as local:
                 local["cache"]["dir"] = str(root / ".dvc" / "cache")
+                # DVC stages dvc.lock in the worktree's own index instead of advising `git add dvc.lock`,
+                # which concerns a worktree deleted at the end.
+                local["core"]["autostage"] = True
                 if remote:  # absolute: a relative remote URL would otherwise resolve inside the worktree
                     local["remote"][remote] = {"url": str(config["remote"][remote]["url"])}
             if params:
                 apply_params(worktree, params)
             (worktree / METRICS_FILE).unlink(missing_ok=True)
-            dvc(worktree, "repro", "--pull", "preprocess")  # data: from cache or remote, else recomputed
+            dvc(worktree, store, "repro", "--pull", "preprocess")  # data: from cache or remote, else recomputed
             # The result, recomputed for real, train then evaluate (error-analysis adds no metric).
-            dvc(worktree, "repro", "--force", "--single-item", "train", "evaluate")
+            dvc(worktree, store, "repro", "--force", "--single-item", "train", "evaluate")
             actual = json.loads((worktree / METRICS_FILE).read_text())
+            run = json.loads((worktree / RUN_FILE).read_text())["run_id"]
             fresh_environment = worktree / numerics.NUMERICS_FILE
             environment = json.loads(fresh_environment.read_text()) if fresh_environment.exists() else None
         finally:
             subprocess.run(["git", "worktree", "remove", "--force", str(worktree)], capture_output=True)
+    where = f"MLflow run {run} in experiment {store['MLFLOW_EXPERIMENT_NAME']!r} of {store['MLFLOW_TRACKING_URI']}"
+    print(f"reproduce: the reproduction is {where}", file=sys.stderr)
     if run_id:  # a run holds more metrics (per epoch, system) than the file compared
         expected = {key: expected.get(key) for key in actual}
     per_metric, default = tolerances(reference_environment, environment, tolerance)

@@ -23,6 +23,7 @@ from pipeline.errors import PipelineError, guard
 
 @tracking.store_faults()
 def sweep(settings: list[str], seeds: int, jobs: int, devices: list[str], force: bool) -> None:
+    tracking.check_git_identity()
     tracking.connect()
     commit = tracking.git("rev-parse", "HEAD")
     code_is_clean = not tracking.git("status", "--porcelain", "--", *tracking.RESULT_INPUTS)

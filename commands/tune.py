@@ -10,11 +10,14 @@ join it. TRIALS counts the study's finished trials (complete or failed) across a
 One checkout runs one trial at a time: DVC's `--temp` experiments share one stash per repository,
 and two run at once can swap or repeat each other's entries; parallel trials take separate clones.
 At the end the best setting is written to conf/experiment/tuned.yaml, a preset like the others,
-and re-run with SEEDS seeds through `make sweep`, which `make compare` shows as its own row.
+and re-run with SEEDS seeds through `make sweep`, which `make compare` shows as its own row. A study
+of fewer trials than the one that wrote it does not replace it unless forced (as `make compare`
+keeps a table of more runs): checked before the first trial and again before the write.
 """
 
 import argparse
 import os
+import re
 import subprocess
 import sys
 import time
@@ -36,6 +39,7 @@ SEARCH_DIR = CONF_DIR / "search"
 # heartbeat is older than the grace period is marked failed by the next worker.
 HEARTBEAT_SECONDS, GRACE_SECONDS = 60, 180
 TOP = 5
+PRESET_STUDY = re.compile(r"^# Written by `make tune`: the best of (\d+) trials of study '([^']*)'", re.MULTILINE)
 
 
 @dataclass
@@ -168,11 +172,23 @@ def default_storage() -> str:
     return f"sqlite:///{project_root() / 'optuna.db'}"
 
 
+def check_not_smaller(trials: int, study_name: str) -> None:
+    """Refuses to replace conf/experiment/tuned.yaml with the best of a smaller study (--force does)."""
+    found = PRESET_STUDY.search(TUNED_PRESET.read_text()) if TUNED_PRESET.exists() else None
+    if found and trials < int(found[1]):
+        raise PipelineError(
+            f"conf/experiment/tuned.yaml holds the best of {found[1]} trials of study {found[2]!r}; this study's "
+            f"{trials} would replace it, so nothing ran. Continue that study (`make tune TRIALS={found[1]}` or "
+            "more, with its STUDY_STORAGE), or replace it anyway with `make tune FORCE=1`"
+        )
+
+
 @tracking.store_faults()
-def tune(space_name: str, trials: int, storage_url: str, study_name: str, seeds: int) -> None:
+def tune(space_name: str, trials: int, storage_url: str, study_name: str, seeds: int, force: bool = False) -> None:
     import optuna
 
     space = load_space(space_name)
+    tracking.check_git_identity()
     tracking.connect()
     optuna.logging.set_verbosity(optuna.logging.ERROR)  # one line per trial is printed here instead
     storage = open_storage(storage_url)
@@ -186,6 +202,8 @@ def tune(space_name: str, trials: int, storage_url: str, study_name: str, seeds:
     )
     finished = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.FAIL)
     done = len(study.get_trials(states=finished))
+    if not force:
+        check_not_smaller(max(trials, done), study_name)
     print(f"tune: study {study_name!r} in {storage_url}: {done} of {trials} trials finished", file=sys.stderr)
     started = time.monotonic()
     if done < trials:
@@ -198,6 +216,8 @@ def tune(space_name: str, trials: int, storage_url: str, study_name: str, seeds:
     if not complete:
         raise PipelineError(f"no trial of study {study_name!r} completed; see the failed trials' lines above")
     print_top(complete, time.monotonic() - started)
+    if not force:
+        check_not_smaller(len(study.get_trials(states=finished)), study_name)
     write_preset(study, len(study.get_trials(states=finished)))
     if seeds:
         from commands.sweep import sweep
@@ -286,6 +306,9 @@ def main() -> None:
         default=3,
         help="re-runs of the best setting for `make compare`, seeds 0..N-1 (0: none)",
     )
+    parser.add_argument(
+        "--force", action="store_true", help="replace conf/experiment/tuned.yaml even with the best of a smaller study"
+    )
     arguments = parser.parse_args()
     if arguments.trials < 1 or arguments.confirm_seeds < 0:
         parser.error("--trials must be >= 1, --confirm-seeds >= 0")
@@ -297,6 +320,7 @@ def main() -> None:
         arguments.storage or default_storage(),
         arguments.study or arguments.space,
         arguments.confirm_seeds,
+        arguments.force,
         interrupted="the unfinished trial is recorded as failed; `make tune` again continues the study",
     )
 

@@ -7,14 +7,21 @@ so every field is required (MISSING) and nothing is defaulted in two places.
 DVC composes conf/ itself only in `dvc exp run`. For `dvc repro`, the `params` stage (this
 module's `sync`) depends on conf/ and writes params.yaml: an edit to conf/ recomposes it, with
 the overrides the last `make params` recorded in its first line, and the stages it changes rerun.
+A params.yaml that is not that composition (edited by hand, written by `dvc exp apply`) stops it.
+The `params` stage runs first, and DVC removes a stage's outputs only when it runs that stage
+(dvc/stage/__init__.py, Stage.run): a value refused here leaves every output in place.
 """
 
 import argparse
 import hashlib
 import json
+import math
 import os
 import re
+import subprocess
 import sys
+import types
+import typing
 from collections.abc import Callable
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -27,7 +34,12 @@ from pipeline.errors import PipelineError, guard
 
 PARAMS_FILE = Path("params.yaml")
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
-FIX_HINT = "fix it in conf/ and run `dvc repro` (or `dvc exp run -S key=value`)"
+# The one command back to the committed configuration (params.yaml, dvc.lock and the outputs): `reset` below.
+RESET_HINT = "`make reset` returns the workspace to the committed configuration"
+FIX_HINT = (
+    "params.yaml is conf/'s composition: put the value in conf/ or an override "
+    f'(`make params OVERRIDES="key=value"`, `dvc exp run -S key=value`), or discard it: {RESET_HINT}'
+)
 # params.yaml's first line: which conf/ it was composed from, and with which overrides.
 HEADER = (
     "# Composed from conf/ (edit conf/, not this file; see pipeline/config.py): conf {digest}, overrides {overrides}"
@@ -172,10 +184,49 @@ SECTIONS = {
 }
 
 
+def _type_problem(value: Any, annotation: Any) -> str | None:
+    """What `value` must be, when its own YAML type is not `annotation` (None when it is)."""
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        if value is None:
+            return None
+        (annotation,) = [choice for choice in typing.get_args(annotation) if choice is not type(None)]
+        problem = _type_problem(value, annotation)
+        return f"{problem} or null" if problem else None
+    if typing.get_origin(annotation) is list:
+        (item,) = typing.get_args(annotation)
+        if isinstance(value, list) and all(_type_problem(element, item) is None for element in value):
+            return None
+        return f"a list of {'integers' if item is int else 'numbers' if item is float else 'strings'}"
+    # bool is an int to Python, and an int is a float to the schema (30 seconds): not the reverse.
+    if annotation is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return None if math.isfinite(value) else "a finite number"
+        return "a number"
+    if annotation is int:
+        return None if isinstance(value, int) and not isinstance(value, bool) else "an integer"
+    if annotation is bool:
+        return None if isinstance(value, bool) else "true or false"
+    return None if isinstance(value, annotation) else f"a {annotation.__name__}"
+
+
+def _check_types(section: str, raw: DictConfig, schema: type) -> None:
+    """Strict types before OmegaConf's merge, which converts "0.01" to 0.01 and 5.0 to 5 without a word."""
+    if not isinstance(raw, DictConfig):
+        raise PipelineError(f"{section} must be a mapping of keys to values, got {raw!r}")
+    hints = typing.get_type_hints(schema)
+    for name in raw:
+        if name in hints and not OmegaConf.is_missing(raw, name):
+            value = OmegaConf.to_container(raw, resolve=True)[name]
+            problem = _type_problem(value, hints[name])
+            if problem:
+                raise PipelineError(f"{section}.{name} must be {problem}, got {value!r}")
+
+
 def validate(raw: DictConfig) -> dict[str, Any]:
     """Checks a whole configuration against the schema; returns {section: dataclass instance}.
 
-    Raises PipelineError naming the offending key and what is allowed.
+    Raises PipelineError naming the offending key and what is allowed. Types are strict: a string
+    is not a number, a float not an integer, and inf or nan no number at all.
     """
     unknown = sorted(set(raw.keys()) - set(SECTIONS))
     if unknown:
@@ -190,6 +241,7 @@ def validate(raw: DictConfig) -> dict[str, Any]:
     sections = {}
     for name, schema in SECTIONS.items():
         schema = schema or MODELS[model_name]
+        _check_types(name, raw[name], schema)
         try:
             merged = OmegaConf.merge(OmegaConf.structured(schema), raw[name])
             sections[name] = OmegaConf.to_object(merged)
@@ -212,16 +264,21 @@ def _describe(error: OmegaConfBaseException, section: str, schema: type) -> str:
     return f"{key}: {message}"
 
 
-def load(params_file: Path = PARAMS_FILE) -> dict[str, Any]:
-    """Reads and validates params.yaml (the composed configuration DVC tracks)."""
+def read(params_file: Path = PARAMS_FILE) -> DictConfig:
+    """params.yaml as written, not yet validated."""
     if not params_file.exists():
         raise PipelineError(f"{params_file} not found; run `make params` to compose it from conf/")
     import yaml
 
     try:
-        raw = OmegaConf.load(params_file)
+        return OmegaConf.load(params_file)
     except yaml.YAMLError as error:
-        raise PipelineError(f"{params_file} is not valid YAML: {str(error).splitlines()[0]}") from None
+        raise PipelineError(f"{params_file} is not valid YAML: {str(error).splitlines()[0]}; {RESET_HINT}") from None
+
+
+def load(params_file: Path = PARAMS_FILE) -> dict[str, Any]:
+    """Reads and validates params.yaml (the composed configuration DVC tracks)."""
+    raw = read(params_file)
     try:
         return validate(raw)
     except PipelineError as error:
@@ -254,7 +311,7 @@ def training_hash(overrides: list[str], without_seed: bool = False) -> str:
 
 
 def compose(overrides: list[str] = (), conf_dir: Path = CONF_DIR) -> DictConfig:
-    """Composes conf/ exactly as `dvc exp run` does (dvc.utils.hydra.compose_and_dump)."""
+    """Composes conf/ exactly as `dvc exp run` does (dvc.utils.hydra.compose_and_dump), and validates it."""
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
     from hydra.errors import HydraException
@@ -263,15 +320,25 @@ def compose(overrides: list[str] = (), conf_dir: Path = CONF_DIR) -> DictConfig:
         with initialize_config_dir(str(Path(conf_dir).resolve()), version_base=None):
             composed = hydra_compose(config_name="config", overrides=list(overrides))
     except (HydraException, OmegaConfBaseException) as error:
-        reason = " ".join(str(error).split())
-        unknown = re.match(r"Could not override '(([^'.]+)\.[^']+)'", reason)
-        if unknown and unknown[2] in SECTIONS:  # Hydra's hint (append with +) would fail the schema
-            schemas = [SECTIONS[unknown[2]]] if SECTIONS[unknown[2]] else list(MODELS.values())
-            allowed = ", ".join(dict.fromkeys(field.name for schema in schemas for field in fields(schema)))
-            reason = f"unknown key {unknown[1]!r}; allowed in {unknown[2]}: {allowed}"
-        raise PipelineError(f"cannot compose conf/ with {' '.join(overrides) or 'no overrides'}: {reason}") from None
+        raise composition_error(overrides, error) from None
     OmegaConf.resolve(composed)
+    try:
+        validate(composed)
+    except PipelineError as error:
+        raise composition_error(overrides, error) from None
     return composed
+
+
+def composition_error(overrides: list[str], error: Exception) -> PipelineError:
+    """The one line for conf/ plus overrides that Hydra or the schema refuses (also hydra_plugins/' in DVC)."""
+    # Hydra's list of where it looked for a missing config names its internals, not the user's mistake.
+    reason = " ".join(str(error).split()).split(" Config search path:")[0]
+    unknown = re.match(r"Could not override '(([^'.]+)\.[^']+)'", reason)
+    if unknown and unknown[2] in SECTIONS:  # Hydra's hint (append with +) would fail the schema
+        schemas = [SECTIONS[unknown[2]]] if SECTIONS[unknown[2]] else list(MODELS.values())
+        allowed = ", ".join(dict.fromkeys(field.name for schema in schemas for field in fields(schema)))
+        reason = f"unknown key {unknown[1]!r}; allowed in {unknown[2]}: {allowed}"
+    return PipelineError(f"cannot compose conf/ with {' '.join(overrides) or 'no overrides'}: {reason}")
 
 
 def conf_digest(conf_dir: Path = CONF_DIR) -> str:
@@ -283,11 +350,10 @@ def conf_digest(conf_dir: Path = CONF_DIR) -> str:
 
 
 def write_params(overrides: list[str], conf_dir: Path = CONF_DIR, params_file: Path = PARAMS_FILE) -> DictConfig:
-    """`make params`: compose conf/ (plus overrides), validate, and write params.yaml atomically."""
+    """`make params`: compose conf/ (plus overrides), validated, and write params.yaml atomically."""
     from pipeline.data_io import atomic_write_text
 
     composed = compose(overrides, conf_dir)
-    validate(composed)
     header = HEADER.format(digest=conf_digest(conf_dir), overrides=json.dumps(list(overrides)))
     atomic_write_text(params_file, f"{header}\n{OmegaConf.to_yaml(composed)}")
     return composed
@@ -301,7 +367,7 @@ def recorded_composition(params_file: Path = PARAMS_FILE) -> tuple[str, list[str
 
 
 def changed_values(before: DictConfig | dict, after: DictConfig) -> list[tuple[str, Any, Any]]:
-    """(key, value before, value after) for each leaf value that differs."""
+    """(key, value before, value after) for each leaf value that differs, in value or in type ("0.01", 0.01)."""
 
     def leaves(config, prefix=""):
         if isinstance(config, dict):
@@ -312,31 +378,85 @@ def changed_values(before: DictConfig | dict, after: DictConfig) -> list[tuple[s
 
     old = leaves(OmegaConf.to_container(before) if isinstance(before, DictConfig) else before)
     new = leaves(OmegaConf.to_container(after))
-    return [(key, old.get(key), new.get(key)) for key in sorted(set(old) | set(new)) if old.get(key) != new.get(key)]
+    missing = object()
+    return [
+        (key, old.get(key, missing), new.get(key, missing))
+        for key in sorted(set(old) | set(new))
+        if type(old.get(key, missing)) is not type(new.get(key, missing)) or old.get(key) != new.get(key)
+    ]
+
+
+def describe_changes(changes: list[tuple[str, Any, Any]], here: str, there: str) -> str:
+    """'train.epochs is 1 in params.yaml, 5 from conf/; ...' (a key only one side has is 'absent' on the other)."""
+
+    def shown(value):
+        return "absent" if not isinstance(value, (str, int, float, bool, list, type(None))) else repr(value)
+
+    return "; ".join(f"{key} is {shown(old)} {here}, {shown(new)} {there}" for key, old, new in changes)
 
 
 def sync(conf_dir: Path = CONF_DIR, params_file: Path = PARAMS_FILE) -> None:
-    """The `params` stage: recompose params.yaml when conf/ changed since it was composed."""
+    """The `params` stage: params.yaml must be conf/'s composition; recompose it when conf/ changed."""
     if os.environ.get("DVC_EXP_BASELINE_REV"):
-        return  # `dvc exp run` composed conf/ and its -S overrides into params.yaml itself
+        # `dvc exp run` composed conf/ and its -S overrides into params.yaml itself (or took it as it was):
+        # check it here, before a later stage removes its outputs to run.
+        try:
+            validate(read(params_file))
+        except PipelineError as error:
+            kept = "no stage after this one ran, every output is in place"
+            raise PipelineError(f"{params_file}: {error}; {kept}; {RESET_HINT}") from None
+        return
+    before = OmegaConf.to_container(read(params_file))
     recorded = recorded_composition(params_file)
-    if recorded and recorded[0] == conf_digest(conf_dir):
-        return  # conf/ unchanged: params.yaml stands as it was written
     overrides = recorded[1] if recorded else []
-    before = OmegaConf.load(params_file) if params_file.exists() else {}
+    unchanged_conf = recorded is not None and recorded[0] == conf_digest(conf_dir)
     composed = compose(overrides, conf_dir)
     changes = changed_values(before, composed)
-    if recorded is None and changes:
-        differing = "; ".join(f"{key} is {old} there, {new} in conf/" for key, old, new in changes)
+    if changes and (unchanged_conf or recorded is None):
+        with_overrides = f"conf/ with {' '.join(overrides)}" if overrides else "conf/"
+        writers = "`dvc exp run`, `dvc exp apply` or an edit by hand wrote it"
+        how = "" if recorded else f" and records no composition ({writers})"
         raise PipelineError(
-            f"{params_file} differs from conf/ ({differing}) and does not record how it was composed "
-            "(`dvc exp apply` or an edit by hand wrote it); run `make params` to take conf/, or "
-            '`make params OVERRIDES="key=value ..."` to keep other values'
+            f"{params_file} is not the composition of {with_overrides}{how}: "
+            f"{describe_changes(changes, 'there', 'in conf/')}. Put the change in conf/ or an override "
+            f'(`make params OVERRIDES="key=value ..."`), or discard it: {RESET_HINT}'
         )
+    if unchanged_conf:
+        return  # params.yaml stands as it was written
     write_params(overrides, conf_dir, params_file)
     with_overrides = f" with {' '.join(overrides)}" if overrides else ""
     described = "; ".join(f"{key}: {old} -> {new}" for key, old, new in changes) or "no value changed"
     print(f"params: conf/ changed; recomposed {params_file}{with_overrides}: {described}", file=sys.stderr)
+
+
+def reset() -> None:
+    """`make reset`: the committed params.yaml, dvc.lock and DVC-tracked outputs back in the workspace.
+
+    conf/ and the code stay as they are (your edits); DVC's experiments stay in their git refs
+    (`dvc exp show`, `dvc exp apply`); the tracking store keeps every run.
+    """
+    from dvc.repo import Repo
+
+    with Repo() as repo:
+        # Outputs DVC does not cache (params.yaml, the metrics files) are committed to git instead.
+        in_git = sorted({str(out) for stage in repo.index.stages for out in stage.outs if not out.use_cache})
+        committed = subprocess.run(["git", "ls-files", "--", "dvc.lock", *in_git], capture_output=True, text=True)
+        paths = committed.stdout.split()
+        if not paths:
+            raise PipelineError("nothing committed to return to: commit params.yaml and dvc.lock first")
+        restore = subprocess.run(["git", "checkout", "HEAD", "--", *paths], capture_output=True, text=True)
+        if restore.returncode != 0:
+            raise PipelineError(f"git checkout HEAD -- {' '.join(paths)}: {restore.stderr.strip()}")
+    from dvc.exceptions import CheckoutError
+
+    missing = ""
+    with Repo() as repo:  # again: dvc.lock changed under the first one
+        try:
+            repo.checkout(force=True)
+        except CheckoutError as error:  # a fresh clone before `dvc pull`, say: the rest is back
+            names = ", ".join(sorted(map(str, error.target_infos)))
+            missing = f"; not in DVC's cache: {names} (`dvc pull` fetches them, `dvc repro` recomputes them)"
+    print(f"reset: {', '.join(paths)} as committed, and the outputs dvc.lock names from DVC's cache{missing}")
 
 
 def run_stage(stage: Callable[..., None], *section_names: str) -> None:
@@ -356,15 +476,21 @@ def run_stage(stage: Callable[..., None], *section_names: str) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description="Compose conf/ into params.yaml.")
-    parser.add_argument(
+    mode = parser.add_mutually_exclusive_group()
+    mode.add_argument(
         "--sync",
         action="store_true",
         help="the `params` stage: recompose only when conf/ changed since params.yaml was composed",
     )
+    mode.add_argument(
+        "--reset", action="store_true", help="`make reset`: the committed params.yaml, dvc.lock and outputs back"
+    )
     parser.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. train.epochs=10")
     arguments = parser.parse_args()
-    if arguments.sync:
-        guard("params", sync)
+    if arguments.sync or arguments.reset:
+        if arguments.overrides:
+            parser.error("--sync and --reset take no overrides")
+        guard("params" if arguments.sync else "reset", sync if arguments.sync else reset)
         return
 
     def write() -> None:

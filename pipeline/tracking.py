@@ -54,9 +54,13 @@ def is_server(uri: str) -> bool:
     return uri.startswith(("http://", "https://"))
 
 
-def connect() -> str:
+def connect(existing: bool = False) -> str:
     """Points MLflow at the store after checking it: a server must answer (in seconds, not after
-    minutes of retries), a SQLite file must be an MLflow store (MLflow would add its tables to any)."""
+    minutes of retries), a SQLite file must be an MLflow store (MLflow would add its tables to any).
+
+    existing: for a command that reads runs (compare, reproduce RUN=, serve, promote), a SQLite store
+    that is not there is reported, not created empty (as MLflow would) for the command to find nothing in.
+    """
     import mlflow
 
     # MLflow logs a store error with its traceback before raising it; store_faults' one line replaces both.
@@ -79,6 +83,11 @@ def connect() -> str:
         check_login(uri)
     elif uri.startswith("sqlite:///"):
         path = Path(uri.removeprefix("sqlite:///"))
+        if existing and (not path.is_file() or path.stat().st_size == 0):
+            raise PipelineError(
+                f"no tracking store at {path} ({uri}), so no run to read; log runs first (`dvc repro`, "
+                "`make sweep`), or point MLFLOW_TRACKING_URI at the store that holds them"
+            )
         check_sqlite_store(path, uri)
         open_sqlite_store(path, uri)
     mlflow.set_tracking_uri(uri)
@@ -243,6 +252,22 @@ def git(*arguments: str, check: bool = False) -> str:
         reason = (result.stderr.strip().splitlines() or ["failed"])[-1]
         raise PipelineError(f"git {' '.join(arguments)}: {reason}")
     return result.stdout.strip() if result.returncode == 0 else ""
+
+
+def check_git_identity() -> None:
+    """Before `dvc exp run`: DVC stashes the workspace as a git commit, and without a git identity it fails
+    with "unexpected error - Git user name and email must be configured" (scmrepo's pygit2 backend)."""
+    unset = [
+        key
+        for key, variable in (("user.name", "GIT_COMMITTER_NAME"), ("user.email", "GIT_COMMITTER_EMAIL"))
+        if not (os.environ.get(variable) or git("config", key))
+    ]
+    if unset:
+        raise PipelineError(
+            f"git has no {' and no '.join(unset)} here, and `dvc exp run` records each experiment as a git "
+            'commit; set them: git config --global user.name "Your Name"; '
+            "git config --global user.email you@example.com"
+        )
 
 
 def lineage_tags() -> dict[str, str]:

@@ -55,11 +55,27 @@ def test_model_group_switches_the_model():
         ("train.distribution=mirrored", "train.steps_per_execution must be 1 with train.distribution=mirrored"),
         ("train.replicas=2", "train.replicas must be null, or >= 1 with train.distribution=mirrored, got 2"),
         ("~train.epochs", "missing key 'train.epochs'"),
+        # Strict types: OmegaConf alone would turn "0.01" into 0.01 and 5.0 into 5 without a word.
+        ('train.learning_rate="0.01"', "train.learning_rate must be a number, got '0.01'"),
+        ("train.epochs=5.0", "train.epochs must be an integer, got 5.0"),
+        ("train.learning_rate=inf", "train.learning_rate must be a finite number, got inf"),
+        ("train.learning_rate=nan", "train.learning_rate must be a finite number, got nan"),
+        ("download.timeout_seconds=-inf", "download.timeout_seconds must be a finite number, got -inf"),
+        ("train.mixed_precision=1", "train.mixed_precision must be true or false, got 1"),
+        ("train.batch_size=true", "train.batch_size must be an integer, got True"),
+        ("data.limit=2.5", "data.limit must be an integer or null, got 2.5"),
+        ("model=cnn model.filters=[16,32.5]", "model.filters must be a list of integers, got [16, 32.5]"),
+        ("train.epoch=3", "unknown key 'train.epoch'; allowed in train: learning_rate, batch_size, epochs,"),
     ],
 )
 def test_bad_values_are_refused_with_the_key_named(override, message):
     with pytest.raises(PipelineError, match=re.escape(message)):
         validate(compose(override.split()))
+
+
+def test_ints_stand_for_floats_and_null_for_optional_values():
+    sections = validate(compose(["download.timeout_seconds=30", "train.learning_rate=1", "data.limit=null"]))
+    assert sections["download"].timeout_seconds == 30 and sections["data"].limit is None
 
 
 def test_stage_refuses_bad_params_in_one_line_before_any_work(tmp_path, mnist_url):
@@ -71,8 +87,9 @@ def test_stage_refuses_bad_params_in_one_line_before_any_work(tmp_path, mnist_ur
     result = run(project, [sys.executable, "-m", "pipeline.train"], environment(mnist_url), check=False)
     assert result.returncode == 1
     assert error_lines(result.stderr) == [
-        "error: train: params.yaml: train.learning_rate must be > 0, got -1.0; "
-        "fix it in conf/ and run `dvc repro` (or `dvc exp run -S key=value`)"
+        "error: train: params.yaml: train.learning_rate must be > 0, got -1.0; params.yaml is conf/'s composition: "
+        'put the value in conf/ or an override (`make params OVERRIDES="key=value"`, `dvc exp run -S key=value`), '
+        "or discard it: `make reset` returns the workspace to the committed configuration"
     ]
     assert "Traceback" not in result.stderr
     assert written_files(project / "models") == [] and not (project / "mlflow.db").exists()

@@ -8,7 +8,7 @@ import pytest
 
 from commands.reproduce import CROSS_ENVIRONMENT_TOLERANCE
 from pipeline import numerics
-from tests.helpers import copy_project, environment, error_lines, git, make_project, run
+from tests.helpers import TINY, copy_project, environment, error_lines, git, make_project, run
 
 pytestmark = pytest.mark.slow  # every test here runs the pipeline end to end
 
@@ -25,8 +25,7 @@ def tagged_original(tmp_path_factory, mnist_url):
     git(project, "tag", "v1")
     tagged_metrics = json.loads((project / "reports/metrics.json").read_text())
 
-    params = project / "params.yaml"
-    params.write_text(params.read_text().replace("learning_rate: 0.001", "learning_rate: 0.003"))
+    run(project, [sys.executable, "-m", "pipeline.config", *TINY, "train.learning_rate=0.003"], env)
     run(project, ["dvc", "repro", "evaluate"], env)
     assert json.loads((project / "reports/metrics.json").read_text()) != tagged_metrics
     return project, env, tagged_metrics
@@ -54,6 +53,18 @@ def test_reproduce_tag_matches_exactly(tagged_project):
     assert "match exactly" in result.stderr
     for key, value in tagged_metrics.items():
         assert f"{key:<18} {value!r:>22} {value!r:>22} {0:>10g}  yes" in result.stdout
+    # Its run outlives the temporary worktree: in this project's store and artifact folder, named.
+    [line] = [line for line in result.stderr.splitlines() if line.startswith("reproduce: the reproduction is")]
+    run_id = line.split()[6]
+    assert line == (
+        f"reproduce: the reproduction is MLflow run {run_id} in experiment 'mnist-reproduce' "
+        f"of sqlite:///{project / 'mlflow.db'}"
+    )
+    reproduced = mlflow.get_run(run_id)
+    assert reproduced.data.metrics["test_accuracy"] == tagged_metrics["test_accuracy"]
+    assert reproduced.info.artifact_uri.startswith((project / "mlartifacts").as_uri())
+    assert mlflow.get_experiment(reproduced.info.experiment_id).name == "mnist-reproduce"
+    assert "git add" not in result.stdout + result.stderr  # DVC's advice for the temporary worktree
 
 
 def test_reproduce_run_matches_exactly(tagged_project):

@@ -35,7 +35,8 @@ def test_study_runs_trials_as_experiments_continues_and_its_best_is_compared(tmp
     env = environment(mnist_url)
     storage = f"sqlite:///{project / 'optuna.db'}"
 
-    first = tune(project, env, "--trials", "1", "--confirm-seeds", "2")
+    # --force: the project's committed tuned.yaml is the best of a larger study
+    first = tune(project, env, "--trials", "1", "--confirm-seeds", "2", "--force")
     [trial] = trials_in(storage, "mlp")
     assert trial.state == optuna.trial.TrialState.COMPLETE
     [trial_run] = tagged_runs(project, "mlp")
@@ -97,7 +98,7 @@ def test_failed_trial_is_recorded_and_not_retried(tmp_path, mnist_url):
     )
     git(project, "commit", "-qam", "a bug")
     env = environment(mnist_url)
-    result = tune(project, env, "--trials", "1", "--confirm-seeds", "0", check=False)
+    result = tune(project, env, "--trials", "1", "--confirm-seeds", "0", "--force", check=False)
     assert result.returncode == 1
     assert "tune: trial 0 failed" in result.stderr
     assert error_lines(result.stderr) == [
@@ -105,7 +106,7 @@ def test_failed_trial_is_recorded_and_not_retried(tmp_path, mnist_url):
     ]
     [trial] = trials_in(f"sqlite:///{project / 'optuna.db'}", "mlp")
     assert trial.state == optuna.trial.TrialState.FAIL
-    again = tune(project, env, "--trials", "1", "--confirm-seeds", "0", check=False)
+    again = tune(project, env, "--trials", "1", "--confirm-seeds", "0", "--force", check=False)
     assert "1 of 1 trials finished" in again.stderr
     assert len(trials_in(f"sqlite:///{project / 'optuna.db'}", "mlp")) == 1
 
@@ -129,7 +130,7 @@ def test_bad_search_space_is_one_line(tmp_path, mnist_url):
 def test_two_workers_share_one_study_on_postgresql(tmp_path, mnist_url, postgres):
     project = make_project(tmp_path / "project", shrink_conf=True)
     env = environment(mnist_url)
-    options = ["--storage", postgres, "--study", "shared", "--trials", "1", "--confirm-seeds", "0"]
+    options = ["--storage", postgres, "--study", "shared", "--trials", "1", "--confirm-seeds", "0", "--force"]
     workers = [
         subprocess.Popen(
             [sys.executable, "-m", "commands.tune", *options],
