@@ -234,13 +234,15 @@ def load_split(split: str) -> tuple[np.ndarray, np.ndarray]:
     content against the manifest's SHA-256: a file changed in place (same size) would otherwise train
     or score silently, under a dataset digest that no longer describes it.
     """
+    images = load_array(PREPARED_DIR / f"{split}_images.npy", "float32", (None, *IMAGE_SHAPE))
+    labels = load_array(PREPARED_DIR / f"{split}_labels.npy", "uint8", (len(images),))
     try:
         expected = read_json(MANIFEST_FILE)["splits"][split]
         count, sha256 = int(expected["count"]), str(expected["sha256"])
     except (KeyError, TypeError, ValueError) as error:
         raise damaged(MANIFEST_FILE, f"no count and sha256 of the {split} split ({error!r})") from None
-    images = load_array(PREPARED_DIR / f"{split}_images.npy", "float32", (count, *IMAGE_SHAPE))
-    labels = load_array(PREPARED_DIR / f"{split}_labels.npy", "uint8", (count,))
+    if len(images) != count:
+        raise damaged(PREPARED_DIR / f"{split}_images.npy", f"{len(images)} images, {MANIFEST_FILE} says {count}")
     digest = hashlib.sha256()
     for array in (images, labels):
         digest.update(array)  # the memory map's own buffer: no copy

@@ -22,7 +22,8 @@ import pytest
 from pipeline import runtime
 from pipeline.data_io import atomic_write_text, load_array, load_model, read_json, staged_outputs
 from pipeline.errors import PipelineError, describe_os_error
-from tests.helpers import REPO, error_lines, run, run_stage_process, written_files
+from tests.helpers import REPO, environment, error_lines, make_project, run, run_stage_process, written_files
+from tests.test_interrupt import SLOW
 
 ONE_AT_A_TIME = (
     "run experiments one at a time in a checkout, or side by side with `dvc exp run --queue` (then "
@@ -324,3 +325,90 @@ def test_a_diverged_training_stops_with_one_line_and_lands_no_model(trained_copy
     [diverged] = [run for run in runs(project) if run.info.status == "FAILED"]
     assert "loss" not in diverged.data.metrics  # the non-finite epoch is neither logged nor checkpointed
     assert not list(project.glob(".train-checkpoints/*/last-epoch.npz"))
+
+
+def stage_processes(dvc: subprocess.Popen, module: str) -> list[psutil.Process]:
+    return [
+        child
+        for child in psutil.Process(dvc.pid).children(recursive=True)
+        if f"pipeline.{module}" in " ".join(child.cmdline())
+    ]
+
+
+def wait_for_stage(dvc: subprocess.Popen, module: str) -> None:
+    deadline = time.monotonic() + 300
+    while not stage_processes(dvc, module):
+        assert dvc.poll() is None and time.monotonic() < deadline, f"dvc ended before its {module} stage started"
+        time.sleep(0.1)
+
+
+@pytest.mark.slow
+def test_a_second_experiment_in_a_busy_checkout_stops_and_no_run_is_mislabeled(tmp_path, mnist_url):
+    """Two `dvc exp run` at once in one checkout, and a `--temp` one beside them, as real processes."""
+    project = make_project(tmp_path, ["data.limit=1000", "train.epochs=2"], shrink_conf=True)
+    env = environment(mnist_url)
+
+    def experiment(*arguments: str) -> subprocess.Popen:
+        return subprocess.Popen(
+            ["dvc", "exp", "run", *arguments], cwd=project, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+        )
+
+    first = experiment("--name", "first-seed1", "-S", "train.seed=1")
+    wait_for_stage(first, "train")
+    second = experiment("--name", "second-seed2", "-S", "train.seed=2")
+    beside = experiment("--temp", "--name", "beside-seed3", "-S", "train.seed=3")
+    second_output, first_output, beside_output = (
+        process.communicate(timeout=600)[0].decode() for process in (second, first, beside)
+    )
+
+    assert second.returncode != 0
+    assert error_lines(second_output) == [
+        "error: params: `dvc exp run --name first-seed1 -S train.seed=1` "
+        f"(pid {first.pid}) is running in this checkout, and two runs in one checkout overwrite each other's "
+        f"params.yaml and outputs; wait for it to end: {ONE_AT_A_TIME}"
+    ]
+    assert "Running stage 'download'" not in second_output and "Running stage 'train'" not in second_output
+    # The second's DVC rewrote params.yaml before its first stage: the first cannot finish as itself.
+    assert first.returncode != 0
+    [line] = error_lines(first_output)
+    assert line.startswith(
+        f"error: train: params.yaml changed while this dvc run (pid {first.pid}) was running its stages (another "
+        f"`dvc exp run` or `dvc repro` in this checkout, or an edit): {ONE_AT_A_TIME}; MLflow run "
+    ), line
+    assert beside.returncode == 0, beside_output[-3000:]  # in a copy of its own: not refused
+
+    tracked = {
+        (run.data.tags.get("dvc.exp_name"), run.info.status, run.data.params["train.seed"]) for run in runs(project)
+    }
+    finished = {(name, seed) for name, status, seed in tracked if status == "FINISHED"}
+    assert finished == {("beside-seed3", "3")}
+    assert all(status == "FAILED" for name, status, seed in tracked if name != "beside-seed3")
+
+
+@pytest.mark.slow
+def test_a_stage_whose_dvc_is_killed_stops_and_the_next_repro_resumes(tmp_path, mnist_url):
+    project = make_project(tmp_path, SLOW)
+    env = environment(mnist_url)
+    dvc = subprocess.Popen(
+        ["dvc", "repro", "evaluate"], cwd=project, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+    )
+    deadline = time.monotonic() + 300
+    while not list(project.glob(".train-checkpoints/*/last-epoch.npz")):
+        assert dvc.poll() is None and time.monotonic() < deadline, "training ended before its first epoch did"
+        time.sleep(0.05)
+    [training] = [process for process in stage_processes(dvc, "train") if process.name().startswith("python")]
+    dvc.send_signal(signal.SIGTERM)  # dvc alone, as a process manager or a closed terminal does
+    stderr = dvc.communicate(timeout=60)[1].decode()
+    assert dvc.returncode == -signal.SIGTERM
+    training.wait(timeout=30)
+    assert "error: train: interrupted; run `dvc repro` again (training resumes from its last completed epoch)" in (
+        stderr
+    )
+    assert not (project / "models/model.keras").exists()
+    [interrupted] = runs(project)
+    assert interrupted.info.status == "FAILED"
+
+    resumed = run(project, ["dvc", "repro", "evaluate"], env)
+    assert "train: resuming after epoch 1" in resumed.stderr
+    [finished] = runs(project)
+    assert finished.info.run_id == interrupted.info.run_id and finished.info.status == "FINISHED"
