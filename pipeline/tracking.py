@@ -324,8 +324,10 @@ def training_run(
             tags={**lineage_tags(), "env.python": platform.python_version(), **tags},
             log_system_metrics=True,
         ) as run:
-            if continue_run_id and not os.environ.get("DVC_EXP_NAME"):
-                mlflow.delete_tag("dvc.exp_name")  # a killed experiment's run, resumed by `dvc repro`
+            # A killed experiment's run, resumed by `dvc repro`: that experiment's name is not its own.
+            resumed_from_experiment = continue_run_id and "dvc.exp_name" in mlflow.get_run(continue_run_id).data.tags
+            if resumed_from_experiment and not os.environ.get("DVC_EXP_NAME"):
+                mlflow.delete_tag("dvc.exp_name")
             mlflow.log_params(params)
             mlflow.log_text(installed_packages(), "environment/requirements.txt")
             yield run

@@ -328,11 +328,14 @@ def test_a_diverged_training_stops_with_one_line_and_lands_no_model(trained_copy
 
 
 def stage_processes(dvc: subprocess.Popen, module: str) -> list[psutil.Process]:
-    return [
-        child
-        for child in psutil.Process(dvc.pid).children(recursive=True)
-        if f"pipeline.{module}" in " ".join(child.cmdline())
-    ]
+    found = []
+    for child in psutil.Process(dvc.pid).children(recursive=True):
+        try:
+            if f"pipeline.{module}" in " ".join(child.cmdline()):
+                found.append(child)
+        except psutil.Error:
+            pass  # ended meanwhile (an earlier stage, a git call)
+    return found
 
 
 def wait_for_stage(dvc: subprocess.Popen, module: str) -> None:
@@ -361,12 +364,20 @@ def test_a_second_experiment_in_a_busy_checkout_stops_and_no_run_is_mislabeled(t
         process.communicate(timeout=600)[0].decode() for process in (second, first, beside)
     )
 
-    assert second.returncode != 0
-    assert error_lines(second_output) == [
+    # Refused before any stage ran: by DVC's own stage lock when the first is inside a stage that reads
+    # params.yaml (the second's first stage, `params`, writes it), else by ours, naming the ways to run
+    # side by side. Which of the two depends on the moment.
+    assert second.returncode != 0, second_output[-3000:]
+    ours = (
         "error: params: `dvc exp run --name first-seed1 -S train.seed=1` "
         f"(pid {first.pid}) is running in this checkout, and two runs in one checkout overwrite each other's "
         f"params.yaml and outputs; wait for it to end: {ONE_AT_A_TIME}"
-    ]
+    )
+    dvc_lock = f"ERROR: failed to reproduce 'params': '{project / 'params.yaml'}' is busy, it is being blocked by:\n"
+    dvc_holder = f"(PID {first.pid}): "
+    assert error_lines(second_output) == [ours] or (
+        not error_lines(second_output) and dvc_lock in second_output and dvc_holder in second_output
+    ), second_output[-3000:]
     assert "Running stage 'download'" not in second_output and "Running stage 'train'" not in second_output
     # The second's DVC rewrote params.yaml before its first stage: the first cannot finish as itself.
     assert first.returncode != 0
