@@ -3,14 +3,20 @@
 Every output is written to a temporary name beside its destination and renamed into place,
 so a failed or killed stage never leaves a half-written file that looks complete. The stages that
 log to MLflow stage all their outputs (staged_outputs) and land them only after the logging
-succeeded: files, dvc.lock and the tracking store never disagree after a failure.
+succeeded: files, dvc.lock and the tracking store never disagree after a failure. An error about a
+temporary names the destination: the user's path, not ours.
+
+Every file a stage reads from an earlier stage is checked before use (load_array, load_split,
+read_json, load_model): a damaged one is one line naming it and the command that restores or rebuilds it.
 """
 
+import hashlib
 import json
 import os
 import shutil
 import struct
 import tempfile
+import zipfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -71,10 +77,23 @@ def atomic_path(destination: Path) -> Iterator[Path]:
     # Keep the suffix: Keras and numpy choose the format from it.
     temporary = destination.with_name(f".tmp-{os.getpid()}-{destination.name}")
     try:
-        yield temporary
-        os.replace(temporary, destination)
+        with errors_naming(temporary, destination):
+            yield temporary
+            os.replace(temporary, destination)
     finally:
         temporary.unlink(missing_ok=True)
+
+
+@contextmanager
+def errors_naming(temporary: Path, destination: Path) -> Iterator[None]:
+    """Re-raises an OSError about `temporary` (or a path under it) as one about `destination`."""
+    try:
+        yield
+    except OSError as error:
+        named = error.filename and Path(error.filename)
+        if named and (named == temporary or temporary in named.parents):
+            raise type(error)(error.errno, error.strerror, str(destination / named.relative_to(temporary))) from None
+        raise
 
 
 class StagedOutputs:
@@ -94,9 +113,10 @@ def staged_outputs() -> Iterator[StagedOutputs]:
     """Outputs written under a scratch folder, renamed onto their destinations only if the block succeeds."""
     root = Path(tempfile.mkdtemp(prefix=".staged-", dir="."))
     try:
-        yield StagedOutputs(root)
-        for staged in sorted(path for path in root.rglob("*") if path.is_file()):
-            os.replace(staged, staged.relative_to(root))
+        with errors_naming(root, Path()):
+            yield StagedOutputs(root)
+            for staged in sorted(path for path in root.rglob("*") if path.is_file()):
+                os.replace(staged, staged.relative_to(root))
     finally:
         shutil.rmtree(root, ignore_errors=True)
 
@@ -115,8 +135,33 @@ def write_json(destination: Path, content: Any) -> None:
 
 
 def read_json(path: Path) -> Any:
-    require(path)
-    return json.loads(Path(path).read_text(encoding="utf-8"))
+    try:
+        return json.loads(require(path).read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise damaged(path, f"not valid JSON: {error}") from None
+
+
+def damaged(path: Path, reason: str) -> PipelineError:
+    """The error for a damaged upstream output: what is wrong, and how to get it back."""
+    return PipelineError(f"{path} is damaged ({reason}); {restore_hint(path)}")
+
+
+def restore_hint(path: Path) -> str:
+    """How to get an upstream output back: from DVC's cache, or by running the stage that writes it
+    (found in dvc.yaml, which declares every output)."""
+    import yaml
+
+    path = Path(path)
+    try:
+        stages = yaml.safe_load(Path("dvc.yaml").read_text(encoding="utf-8"))["stages"]
+    except (OSError, yaml.YAMLError, KeyError, TypeError):
+        stages = {}
+    for stage, definition in stages.items():
+        for output in definition.get("outs", []):
+            output = Path(next(iter(output)) if isinstance(output, dict) else output)
+            if path == output or output in path.parents:
+                return f"restore it with `dvc checkout --force {output}` or rebuild it with `dvc repro --force {stage}`"
+    return "run `dvc repro` to rebuild it"
 
 
 def require(path: Path) -> Path:
@@ -152,14 +197,79 @@ def save_array(destination: Path, array: np.ndarray) -> None:
         np.save(temporary, array, allow_pickle=False)
 
 
-def load_array(path: Path) -> np.ndarray:
-    """Memory-maps a .npy file: no copy until the data is used, and never unpickles."""
-    return np.load(require(path), mmap_mode="r", allow_pickle=False)
+NPY_HEADER_READERS = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}
+
+
+def load_array(path: Path, dtype: str, shape: tuple[int | None, ...]) -> np.ndarray:
+    """Memory-maps a .npy file: no copy until the data is used, and never unpickles.
+
+    Its header is checked first (dtype, shape, None for any length) and its size against the header:
+    a truncated or foreign file is one line (damaged), not numpy's mmap error or a wrong array.
+    """
+    with open(require(path), "rb") as file:
+        try:
+            read_header = NPY_HEADER_READERS.get(np.lib.format.read_magic(file))
+            if read_header is None:
+                raise ValueError("a .npy format version np.save does not write here")
+            found_shape, fortran_order, found_dtype = read_header(file)
+        except ValueError as error:
+            raise damaged(path, f"not a NumPy array file: {error}") from None
+        data_offset = file.tell()
+    if found_dtype != np.dtype(dtype) or fortran_order:
+        raise damaged(path, f"holds {found_dtype} values, expected {np.dtype(dtype)}")
+    lengths_differ = len(found_shape) != len(shape)
+    if lengths_differ or any(want not in (None, got) for want, got in zip(shape, found_shape, strict=True)):
+        expected = "(" + ", ".join("n" if length is None else str(length) for length in shape) + ")"
+        raise damaged(path, f"shape {found_shape}, expected {expected}")
+    expected_size = data_offset + int(np.prod(found_shape)) * found_dtype.itemsize
+    if (size := Path(path).stat().st_size) != expected_size:
+        raise damaged(path, f"{size} bytes where its header needs {expected_size}: truncated or overwritten")
+    return np.load(path, mmap_mode="r", allow_pickle=False)
 
 
 def load_split(split: str) -> tuple[np.ndarray, np.ndarray]:
-    """(images float32 [0, 1] of shape (n, 28, 28), labels uint8) of a prepared split."""
-    return load_array(PREPARED_DIR / f"{split}_images.npy"), load_array(PREPARED_DIR / f"{split}_labels.npy")
+    """(images float32 [0, 1] of shape (n, 28, 28), labels uint8) of a prepared split, as preprocess wrote it.
+
+    Size, dtype and shape are checked against the files' headers and the manifest's count, and the
+    content against the manifest's SHA-256: a file changed in place (same size) would otherwise train
+    or score silently, under a dataset digest that no longer describes it.
+    """
+    images = load_array(PREPARED_DIR / f"{split}_images.npy", "float32", (None, *IMAGE_SHAPE))
+    labels = load_array(PREPARED_DIR / f"{split}_labels.npy", "uint8", (len(images),))
+    try:
+        expected = read_json(MANIFEST_FILE)["splits"][split]
+        count, sha256 = int(expected["count"]), str(expected["sha256"])
+    except (KeyError, TypeError, ValueError) as error:
+        raise damaged(MANIFEST_FILE, f"no count and sha256 of the {split} split ({error!r})") from None
+    if len(images) != count:
+        raise damaged(PREPARED_DIR / f"{split}_images.npy", f"{len(images)} images, {MANIFEST_FILE} says {count}")
+    digest = hashlib.sha256()
+    for array in (images, labels):
+        digest.update(array)  # the memory map's own buffer: no copy
+    if digest.hexdigest() != sha256:
+        raise damaged(
+            PREPARED_DIR / f"{split}_images.npy",
+            f"with {split}_labels.npy, its content does not match the SHA-256 in {MANIFEST_FILE}",
+        )
+    return images, labels
+
+
+def load_model(path: Path = MODEL_FILE, **options: Any):
+    """A trained Keras model, in safe mode (no arbitrary code), checked as a complete archive first:
+    Keras reports a truncated .keras file as "File not found"."""
+    try:
+        with zipfile.ZipFile(require(path)) as archive:
+            broken = archive.testzip()  # the CRC of every member
+    except (zipfile.BadZipFile, EOFError) as error:
+        raise damaged(path, f"not a complete Keras archive: {error}") from None
+    if broken is not None:
+        raise damaged(path, f"its member {broken} fails its checksum")
+    import keras
+
+    try:
+        return keras.models.load_model(path, safe_mode=True, **options)
+    except (ValueError, OSError, KeyError, TypeError) as error:
+        raise damaged(path, f"Keras cannot load it: {str(error).splitlines()[0] if str(error) else error!r}") from None
 
 
 def write_csv(destination: Path, table, index: bool = False) -> None:

@@ -38,7 +38,7 @@ GALLERY_FILE = OUTPUT_DIR / "misclassified.png"
 
 def error_analysis(config: ErrorAnalysisConfig) -> None:
     test_images, test_labels = load_split("test")
-    probabilities = load_array(PREDICTIONS_FILE)
+    probabilities = load_array(PREDICTIONS_FILE, "float32", (None, NUM_CLASSES))
     if len(probabilities) != len(test_labels):
         raise PipelineError(
             f"{PREDICTIONS_FILE} has {len(probabilities)} rows for {len(test_labels)} test "

@@ -2,7 +2,7 @@
 
 What the user can fix (PipelineError: bad params, a missing upstream output, an unreachable store;
 OSError: the filesystem refused) is one `error: <command>: <what and the fix>` line and exit 1.
-Ctrl-C or SIGTERM is one line and exit 130. Anything else is a bug and keeps its traceback.
+Ctrl-C, SIGTERM or SIGHUP is one line and exit 130. Anything else is a bug and keeps its traceback.
 PIPELINE_DEBUG=1 adds the traceback to the one-line errors too.
 """
 
@@ -20,8 +20,11 @@ class PipelineError(Exception):
 
 def guard(command: str, function: Callable[..., Any], *arguments: Any, interrupted: str = "run it again") -> None:
     """Runs function(*arguments) as the command named `command`, reporting what the user can fix."""
-    # SIGTERM (a `kill`, a CI timeout) unwinds like Ctrl-C: open MLflow runs get closed.
+    # SIGTERM (a `kill`, a CI timeout, a dvc that died: runtime.stop_with) and SIGHUP (a closed terminal)
+    # unwind like Ctrl-C: open MLflow runs get closed. A SIGHUP ignored on purpose (`nohup`) stays ignored.
     signal.signal(signal.SIGTERM, signal.default_int_handler)
+    if signal.getsignal(signal.SIGHUP) is not signal.SIG_IGN:
+        signal.signal(signal.SIGHUP, signal.default_int_handler)
     try:
         function(*arguments)
     except PipelineError as error:

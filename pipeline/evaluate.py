@@ -21,7 +21,7 @@ from pipeline import numerics, tracking
 from pipeline.runtime import tensorflow_import_notices_hidden
 
 with tensorflow_import_notices_hidden():
-    import keras
+    import keras  # noqa: F401  (data_io.load_model's, imported here with TensorFlow's notices hidden)
 from pipeline.config import PARAMS_FILE, EvaluateConfig, run_stage
 from pipeline.data_io import (
     DIGITS,
@@ -30,9 +30,9 @@ from pipeline.data_io import (
     MODEL_FILE,
     PREDICTIONS_FILE,
     REPORTS_DIR,
+    load_model,
     load_split,
     read_json,
-    require,
     save_array,
     staged_outputs,
     write_json,
@@ -44,13 +44,13 @@ REPORT_FILE = REPORTS_DIR / "classification_report.json"
 
 def evaluate(config: EvaluateConfig) -> None:
     test_images, test_labels = load_split("test")
-    try:
-        model = keras.models.load_model(require(MODEL_FILE), compile=False, safe_mode=True)  # predicting only
-    except (ValueError, OSError) as error:
-        raise PipelineError(
-            f"cannot load {MODEL_FILE} ({str(error).splitlines()[0]}); retrain it with `dvc repro --force train`"
-        ) from None
+    model = load_model(MODEL_FILE, compile=False)  # predicting only
     probabilities = model.predict(test_images, batch_size=config.batch_size, verbose=0).astype(np.float64)
+    if not np.isfinite(probabilities).all():
+        raise PipelineError(
+            f"{MODEL_FILE} predicts non-finite probabilities: its weights hold NaN or inf (a diverged "
+            "training); lower train.learning_rate and retrain with `dvc repro --force train`"
+        )
     probabilities /= probabilities.sum(axis=1, keepdims=True)  # float32 softmax sums drift from 1
     metrics, report = score(np.asarray(test_labels), probabilities)
 

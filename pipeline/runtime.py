@@ -6,11 +6,16 @@ there: the defaults below apply before TensorFlow or MLflow is imported, and a s
 the warm process (commands/warm.py) before it pays those imports itself, or start one for the stages after it.
 """
 
+import json
 import os
+import signal
 import sys
 import tempfile
+import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 
 # Each default gives way to a value the caller set.
 DEFAULTS = {
@@ -57,13 +62,152 @@ def main_module() -> str | None:
 
 
 def start(module: str) -> None:
-    """An entry point's first step: the defaults, then, for a stage, the hand-over to the warm process
-    (which returns when the stage is to run here, after starting one in the background if none is up)."""
+    """An entry point's first step: the defaults; for a stage, the checks of a DVC-run stage
+    (under_dvc), then the hand-over to the warm process (which returns when the stage is to run here,
+    after starting one in the background if none is up)."""
     apply_defaults()
     if module.startswith("pipeline."):
+        if os.environ.get("DVC_STAGE"):  # DVC sets it for every stage command it runs
+            under_dvc(module)
         from commands import warm
 
         warm.hand_over(module)
+
+
+# The one `dvc repro` or `dvc exp run` that runs stages in this checkout, and when it started.
+CHECKOUT_RUN_FILE = Path(".dvc/tmp/pipeline-run.json")
+ONE_RUN_AT_A_TIME = (
+    "run experiments one at a time in a checkout, or side by side with `dvc exp run --queue` (then "
+    "`dvc queue start`) or `dvc exp run --temp`"
+)
+PARENT_POLL_SECONDS = 1.0  # how soon a stage notices that its dvc died
+
+
+def under_dvc(module: str) -> None:
+    """A stage that DVC runs: one DVC process at a time in this checkout, on the params.yaml it started
+    with (claim_checkout), and the stage stops when that process dies (stop_with).
+
+    Both in the process DVC started: before a warm hand-over (its stand-in passes SIGTERM on to the
+    stage's fork), or the stage itself. Nothing to do when no dvc process is among the ancestors.
+    """
+    import psutil
+
+    dvc = next((process for process in psutil.Process().parents() if dvc_command(process)), None)
+    if dvc is None:
+        return
+    from pipeline.errors import PipelineError, fail
+
+    try:
+        claim_checkout(dvc, composes_params=module == "pipeline.config")
+    except PipelineError as error:
+        fail({"pipeline.config": "params"}.get(module, module.removeprefix("pipeline.").replace("_", "-")), str(error))
+    stop_with(dvc)
+
+
+def dvc_command(process) -> str | None:
+    """`dvc <arguments>` when the process is the dvc command (its script or `python -m dvc`), else None."""
+    import psutil
+
+    try:
+        arguments = process.cmdline()
+    except psutil.Error:
+        return None
+    for index, argument in enumerate(arguments[:3]):
+        if os.path.basename(argument) == "dvc" and (index < 2 or arguments[1] == "-m"):
+            return " ".join(["dvc", *arguments[index + 1 :]])
+    return None
+
+
+def claim_checkout(dvc, composes_params: bool = False) -> None:
+    """Records `dvc` as the process running stages in this checkout, with params.yaml's digest;
+    refuses when another live dvc holds the checkout, or when params.yaml changed since `dvc`'s
+    first stage that reads it (composes_params: the `params` stage, which writes it, records none).
+
+    DVC's own repository lock does not hold across a run: DVC releases it while a stage's command
+    runs and for the whole of a workspace `dvc exp run` (unlocked_repo in dvc/stage/run.py and
+    dvc/repo/experiments/__init__.py), so a second run in the same checkout starts and rewrites
+    params.yaml and data under the first before any stage of its own runs. Queued (`--queue`) and
+    `--temp` experiments run in copies of their own (.dvc/tmp/exps/...): this file is theirs alone.
+    """
+    import psutil
+    from filelock import FileLock
+
+    from pipeline.errors import PipelineError
+
+    CHECKOUT_RUN_FILE.parent.mkdir(parents=True, exist_ok=True)
+    ours = {"pid": dvc.pid, "started": dvc.create_time()}
+    with FileLock(f"{CHECKOUT_RUN_FILE}.lock"):
+        holder = checkout_run()
+        if holder and {key: holder.get(key) for key in ours} != ours:
+            try:
+                other = psutil.Process(holder["pid"])
+                running = other.create_time() == holder["started"] and dvc_command(other)
+            except (psutil.Error, KeyError, TypeError):
+                running = None  # it has ended: the checkout is free
+            if running:
+                raise PipelineError(
+                    f"`{running}` (pid {other.pid}) is running in this checkout, and two runs in one checkout "
+                    f"overwrite each other's params.yaml and outputs; wait for it to end: {ONE_RUN_AT_A_TIME}"
+                )
+            holder = None
+        if holder and holder.get("params") and (changed := params_changed()):
+            raise PipelineError(changed)
+        if not holder or not holder.get("params"):
+            CHECKOUT_RUN_FILE.write_text(
+                json.dumps({**ours, "params": None if composes_params else params_digest()}), encoding="utf-8"
+            )
+
+
+def checkout_run() -> dict | None:
+    """What claim_checkout recorded: {pid, started, params}, or None."""
+    try:
+        recorded = json.loads(CHECKOUT_RUN_FILE.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return recorded if isinstance(recorded, dict) else None
+
+
+def params_digest() -> str:
+    import hashlib
+
+    from pipeline.config import PARAMS_FILE
+
+    return hashlib.sha256(PARAMS_FILE.read_bytes()).hexdigest() if PARAMS_FILE.exists() else ""
+
+
+def params_changed() -> str | None:
+    """For a stage DVC runs: what is wrong when params.yaml is no longer the one its dvc run started
+    its stages with (claim_checkout); None when it is, or when there is no record to compare with."""
+    recorded = checkout_run() if os.environ.get("DVC_STAGE") else None
+    if not recorded or not recorded.get("params") or recorded["params"] == params_digest():
+        return None
+    return (
+        f"params.yaml changed while this dvc run (pid {recorded.get('pid')}) was running its stages (another "
+        f"`dvc exp run` or `dvc repro` in this checkout, or an edit): {ONE_RUN_AT_A_TIME}"
+    )
+
+
+def stop_with(dvc) -> None:
+    """Stops this process as Ctrl-C does (SIGTERM: the error guard's exit 130, a training's checkpoint
+    kept, its MLflow run not finished, no output landed) when `dvc` dies, so that the next `dvc repro`
+    resumes. A killed dvc does not stop its stage: without this the stage ran on and landed outputs
+    that dvc.lock never recorded. Polled rather than PR_SET_PDEATHSIG: a shell may stand between dvc
+    and the stage, and the kernel signal follows the thread that forked, not the process."""
+
+    import psutil
+
+    def alive() -> bool:
+        try:  # is_running compares the start time too: a reused pid is not dvc
+            return dvc.is_running() and dvc.status() != psutil.STATUS_ZOMBIE  # dead, not yet reaped
+        except psutil.Error:
+            return False
+
+    def watch() -> None:
+        while alive():
+            time.sleep(PARENT_POLL_SECONDS)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    threading.Thread(target=watch, name="stop-with-dvc", daemon=True).start()
 
 
 # Written to file descriptor 2 while TensorFlow loads, before its log level applies (oneDNN's

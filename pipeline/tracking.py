@@ -17,6 +17,8 @@ import re
 import sqlite3
 import subprocess
 import sys
+import threading
+import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -24,7 +26,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from pipeline import project_root
+from pipeline import project_root, runtime
 from pipeline.data_io import PREPARED_DIR, RUN_FILE, TRAINING_INPUTS, read_json
 from pipeline.errors import PipelineError, guard
 
@@ -89,6 +91,7 @@ def connect(existing: bool = False) -> str:
                 "`make sweep`), or point MLFLOW_TRACKING_URI at the store that holds them"
             )
         check_sqlite_store(path, uri)
+        time_sqlite_statements()
         open_sqlite_store(path, uri)
     mlflow.set_tracking_uri(uri)
     return uri
@@ -104,6 +107,23 @@ def open_sqlite_store(path: Path, uri: str) -> None:
         return  # unopenable: store_faults reports it when MLflow tries
     with FileLock(f"{path}.lock"):
         mlflow.MlflowClient(uri).search_experiments(max_results=1)  # MLflow keeps the opened store
+
+
+# When this thread's latest SQL statement started: how long a "database is locked" waited. MLflow's
+# waits differ by call (busy_timeout 20 s in its sessions, sqlite3's default 5 s while it opens the
+# store: mlflow/store/db/utils.py), so the error line prints the measured wait, not either figure.
+statement_clock = threading.local()
+
+
+def time_sqlite_statements() -> None:
+    import sqlalchemy
+
+    if not sqlalchemy.event.contains(sqlalchemy.engine.Engine, "before_cursor_execute", note_statement_start):
+        sqlalchemy.event.listen(sqlalchemy.engine.Engine, "before_cursor_execute", note_statement_start)
+
+
+def note_statement_start(*_) -> None:
+    statement_clock.started = time.monotonic()
 
 
 def check_login(uri: str) -> None:
@@ -161,8 +181,10 @@ def describe_store_fault(error: Exception, uri: str) -> str | None:
 
     text = " ".join(str(error).split())
     if "database is locked" in text:
+        started = getattr(statement_clock, "started", None)
+        waited = "SQLite gave up waiting" if started is None else f"SQLite waited {time.monotonic() - started:.1f} s"
         return (
-            f"the tracking store {uri} stayed locked by another writer (SQLite waited 20 s); let the other "
+            f"the tracking store {uri} stayed locked by another writer ({waited}); let the other "
             "process finish or stop it (another training? a queue worker?), then run again"
         )
     if "file is not a database" in text or "unable to open database file" in text:
@@ -329,9 +351,46 @@ def training_run(
             tags={**lineage_tags(), "env.python": platform.python_version(), **tags},
             log_system_metrics=True,
         ) as run:
+            # A killed experiment's run, resumed by `dvc repro`: that experiment's name is not its own.
+            resumed_from_experiment = continue_run_id and "dvc.exp_name" in mlflow.get_run(continue_run_id).data.tags
+            if resumed_from_experiment and not os.environ.get("DVC_EXP_NAME"):
+                mlflow.delete_tag("dvc.exp_name")
             mlflow.log_params(params)
             mlflow.log_text(installed_packages(), "environment/requirements.txt")
             yield run
+            check_run_is_ours(run.info.run_id)
+
+
+def check_run_is_ours(run_id: str) -> None:
+    """Fails the run (FAILED, outputs not landed) unless params.yaml and the DVC experiment are still
+    the ones it was logged under.
+
+    Two `dvc repro` or `dvc exp run` in one checkout at once (pipeline/runtime.py's claim_checkout
+    refuses the second, but DVC rewrites params.yaml before any stage runs, and with more than one
+    workspace experiment queued it may start either's) would otherwise finish a run under another
+    command's experiment name or params. Checked last, just before the run is marked FINISHED.
+    """
+    import mlflow
+
+    from pipeline.config import PARAMS_FILE, flatten, load
+
+    if changed := runtime.params_changed():
+        raise PipelineError(f"{changed}; MLflow run {run_id} is marked FAILED")
+    run = mlflow.get_run(run_id)
+    ours, tagged = os.environ.get("DVC_EXP_NAME"), run.data.tags.get("dvc.exp_name")
+    if ours and tagged != ours:
+        raise PipelineError(
+            f"MLflow run {run_id} was logged for DVC experiment {tagged or '(none)'}, not for this one ({ours}), "
+            f"so it is marked FAILED: {runtime.ONE_RUN_AT_A_TIME}"
+        )
+    on_disk = {key: str(value) for key, value in flatten(load()).items()}
+    changed = sorted(key for key, value in run.data.params.items() if key in on_disk and on_disk[key] != value)
+    if changed:
+        differences = ", ".join(f"{key} {run.data.params[key]} -> {on_disk[key]}" for key in changed[:3])
+        raise PipelineError(
+            f"{PARAMS_FILE} does not hold the params MLflow run {run_id} was logged with ({differences}), so the "
+            f"run is marked FAILED: run `dvc repro` to train on {PARAMS_FILE}, and {runtime.ONE_RUN_AT_A_TIME}"
+        )
 
 
 def run_state(run_id: str) -> str:
@@ -369,6 +428,7 @@ def model_run() -> Iterator["mlflow.ActiveRun"]:
             )
         with mlflow.start_run(run_id=run_id) as run:
             yield run
+            check_run_is_ours(run_id)
 
 
 def log_dataset(split: str, images, labels, manifest: dict) -> None:

@@ -5,6 +5,7 @@ Deterministic on CPU: the same config, seed, data, code and environment give bit
 """
 
 import hashlib
+import math
 import os
 import shutil
 import sys
@@ -134,6 +135,28 @@ def resume(model: keras.Model, directory: Path) -> int:
     return int(model.optimizer.iterations.numpy())  # optimizer steps: epochs x steps per epoch
 
 
+class StopOnNonFiniteLoss(keras.callbacks.Callback):
+    """Stops a diverged training at the end of its first non-finite epoch, before that epoch is logged
+    or checkpointed: the run ends FAILED, no model lands, and a resume starts from the last finite epoch.
+
+    Rather than keras.callbacks.TerminateOnNaN, which ends `fit` normally: the NaN model would be saved.
+    """
+
+    def __init__(self, config: TrainConfig):
+        super().__init__()
+        self.config = config
+
+    def on_epoch_end(self, epoch, logs=None):
+        losses = {name: value for name, value in (logs or {}).items() if "loss" in name and not math.isfinite(value)}
+        if losses:
+            found = ", ".join(f"{name} {value}" for name, value in losses.items())
+            precision = " or turn off train.mixed_precision" if self.config.mixed_precision else ""
+            raise PipelineError(
+                f"the training diverged in epoch {epoch + 1} ({found}); lower train.learning_rate "
+                f"(now {self.config.learning_rate:g}){precision} and run again; no model was saved"
+            )
+
+
 class EpochLogger(keras.callbacks.Callback):
     """Logs each epoch's losses, accuracies, duration and throughput to the active MLflow run."""
 
@@ -227,8 +250,13 @@ def train(model_config: MlpConfig | CnnConfig, train_config: TrainConfig) -> Non
                     (np.asarray(validation_images), np.asarray(validation_labels))
                 ).batch(VALIDATION_BATCH_SIZE)
             ),
-            # Log first: after a death between the two, the epoch is redone and re-logged, not lost.
-            callbacks=[EpochLogger(len(train_labels)), EpochCheckpoint(checkpoint_dir)],
+            # A diverged epoch stops first. Log, then checkpoint: after a death between the two, the epoch
+            # is redone and re-logged, not lost.
+            callbacks=[
+                StopOnNonFiniteLoss(train_config),
+                EpochLogger(len(train_labels)),
+                EpochCheckpoint(checkpoint_dir),
+            ],
             shuffle=False,  # training_batches shuffles, per epoch, in a resumable order
             verbose=2,
         )

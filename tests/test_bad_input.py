@@ -64,8 +64,10 @@ def test_corrupted_model_file(prepared_project):
     result, _ = run_stage_process(project, env, "evaluate")
     assert result.returncode == 1
     [line] = error_lines(result.stderr)
-    assert line.startswith("error: evaluate: cannot load models/model.keras (")
-    assert line.endswith("retrain it with `dvc repro --force train`")
+    assert line == (
+        "error: evaluate: models/model.keras is damaged (not a complete Keras archive: File is not a zip file); "
+        "restore it with `dvc checkout --force models/model.keras` or rebuild it with `dvc repro --force train`"
+    )
     assert not (project / "data/predictions").exists()
 
 
