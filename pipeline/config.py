@@ -366,6 +366,18 @@ def recorded_composition(params_file: Path = PARAMS_FILE) -> tuple[str, list[str
     return (match[1], json.loads(match[2])) if match else None
 
 
+class _Absent:
+    """A key one side does not have (None is a value a key can hold)."""
+
+    def __repr__(self) -> str:
+        return "(absent)"
+
+    __str__ = __repr__
+
+
+ABSENT = _Absent()
+
+
 def changed_values(before: DictConfig | dict, after: DictConfig) -> list[tuple[str, Any, Any]]:
     """(key, value before, value after) for each leaf value that differs, in value or in type ("0.01", 0.01)."""
 
@@ -378,11 +390,10 @@ def changed_values(before: DictConfig | dict, after: DictConfig) -> list[tuple[s
 
     old = leaves(OmegaConf.to_container(before) if isinstance(before, DictConfig) else before)
     new = leaves(OmegaConf.to_container(after))
-    missing = object()
     return [
-        (key, old.get(key, missing), new.get(key, missing))
+        (key, old.get(key, ABSENT), new.get(key, ABSENT))
         for key in sorted(set(old) | set(new))
-        if type(old.get(key, missing)) is not type(new.get(key, missing)) or old.get(key) != new.get(key)
+        if type(old.get(key, ABSENT)) is not type(new.get(key, ABSENT)) or old.get(key) != new.get(key)
     ]
 
 

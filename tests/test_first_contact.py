@@ -117,7 +117,7 @@ def test_make_params_refuses_a_bad_override_in_one_line(tmp_path, mnist_url, ove
 def test_make_help_shows_the_values_it_will_use():
     result = subprocess.run([*MAKE, "help", "PORT=6123"], cwd=REPO, capture_output=True, text=True, timeout=60)
     assert "$(" not in result.stdout, [line for line in result.stdout.splitlines() if "$(" in line]
-    assert "http://127.0.0.1:6123" in result.stdout and "IDLE=30 minutes" in result.stdout
+    assert "http://127.0.0.1:6123" in result.stdout and "(default 30)" in result.stdout
 
 
 def test_make_ui_on_a_busy_port_fails_in_one_line(mnist_url):

@@ -21,7 +21,7 @@ from tests.helpers import REPO, mnist_source
 
 
 def test_changed_values_are_the_leaves_that_differ():
-    from pipeline.config import changed_values
+    from pipeline.config import ABSENT, changed_values
 
     before = {"train": {"epochs": 5, "seed": 0}, "model": {"name": "mlp", "filters": [16, 32]}, "old": {"key": 1}}
     after = OmegaConf.create(
@@ -29,8 +29,8 @@ def test_changed_values_are_the_leaves_that_differ():
     )
     assert changed_values(before, after) == [
         ("model.filters", [16, 32], [16, 64]),  # a list is one value
-        ("new.key", None, 2),
-        ("old.key", 1, None),
+        ("new.key", ABSENT, 2),
+        ("old.key", 1, ABSENT),
         ("train.epochs", 5, 7),
     ]
     assert changed_values(OmegaConf.create(before), OmegaConf.create(before)) == []
