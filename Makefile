@@ -147,20 +147,20 @@ lock:
 # dropped a package, or the other TensorFlow build (both install the module `tensorflow`), would
 # leave it behind. A changed runtime lock, or another one (the stamp names the venv's: GPU=1 after a
 # CPU install), therefore rebuilds the venv from scratch.
-# No --quiet: pip shows each package as it is downloaded and installed. --no-compile: Python compiles
-# a module's bytecode when it is first imported, so the venv holds that of the modules the project
-# imports, not of every module of every package (TensorFlow's alone are thousands).
+# No --quiet: pip shows each package as it is downloaded and installed. Bytecode is compiled here, as
+# pip does by default: where PYTHONDONTWRITEBYTECODE is set (as in many container images), Python
+# would otherwise compile TensorFlow's modules anew in every stage's process.
 $(INSTALLED): $(LOCK) $(if $(filter $(LOCK),$(shell cat $(INSTALLED) 2>/dev/null)),,another-lock)
 	rm -rf $(VENV)
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install --quiet --upgrade pip
 	@echo "installing .venv from $(LOCK)"
-	$(VENV)/bin/pip install --no-compile -r $(LOCK)
+	$(VENV)/bin/pip install -r $(LOCK)
 	echo $(LOCK) > $@
 
 $(DEV_INSTALLED): $(INSTALLED) requirements-dev.lock
 	@echo "adding requirements-dev.lock to .venv (tests, lint, docs)"
-	$(VENV)/bin/pip install --no-compile -r $(LOCK) -r requirements-dev.lock
+	$(VENV)/bin/pip install -r $(LOCK) -r requirements-dev.lock
 	touch $@
 
 another-lock:
