@@ -114,7 +114,7 @@ def numeric_environment() -> dict[str, str]:
 
 
 def tensorflow_build() -> str:
-    """ "CUDA" (the tensorflow package, built with CUDA) or "CPU" (tensorflow-cpu, or a build without CUDA)."""
+    """TensorFlow's build: "CUDA" (the tensorflow package on Linux) or "CPU" (tensorflow-cpu)."""
     import tensorflow as tf
 
     return "CUDA" if tf.sysconfig.get_build_info().get("is_cuda_build") else "CPU"

@@ -294,7 +294,7 @@ def gpu_metrics(tensorflow_gpus: int, tensorflow_build: str) -> dict[str, str]:
         else:
             missing.append("no GPU: NVML lists none")
     except ImportError:
-        missing.append("no NVML: nvidia-ml-py is not installed (the GPU install, requirements-gpu.lock, has it)")
+        missing.append("no NVML: nvidia-ml-py is not installed, only the GPU lock (requirements-gpu.lock) has it")
     except Exception as error:  # RuntimeError from the monitor, NVML's own error as its context
         cause = type(error.__context__).__name__
         if cause == "NVMLError_LibraryNotFound":

@@ -175,6 +175,12 @@ class DeviceMemoryLogger(keras.callbacks.Callback):
         mlflow.log_metrics(metrics, step=epoch)
 
 
+def gpu_memory_logger() -> list[keras.callbacks.Callback]:
+    """A DeviceMemoryLogger over every GPU TensorFlow sees; none without one (the gpu.metrics tags say why)."""
+    gpus = tf.config.list_physical_devices("GPU")
+    return [DeviceMemoryLogger([f"GPU:{index}" for index in range(len(gpus))])] if gpus else []
+
+
 def distribution_strategy(config: TrainConfig) -> tf.distribute.Strategy:
     """The devices training runs on (conf/config.yaml, train.distribution and train.replicas)."""
     if config.distribution == "single":
@@ -254,7 +260,7 @@ def train(model_config: MlpConfig | CnnConfig, train_config: TrainConfig) -> Non
             # Log first: after a death between the two, the epoch is redone and re-logged, not lost.
             callbacks=[
                 EpochLogger(len(train_labels)),
-                DeviceMemoryLogger([f"GPU:{index}" for index in range(len(tf.config.list_physical_devices("GPU")))]),
+                *gpu_memory_logger(),
                 EpochCheckpoint(checkpoint_dir),
             ],
             shuffle=False,  # training_batches shuffles, per epoch, in a resumable order

@@ -1,5 +1,6 @@
 """Which GPU metrics a training run records, and why not: checked on a CPU (no test here has a GPU)."""
 
+import importlib.metadata
 import json
 import os
 import subprocess
@@ -75,4 +76,14 @@ def test_a_cpu_training_run_is_tagged_with_why_no_gpu_metrics(pipeline_run):
     # The train stage's device line says the same.
     output = result.stdout + result.stderr
     assert f"GPU metrics: none ({tags[tracking.GPU_METRICS_MISSING_TAG]})" in output
-    assert json.loads((project / "reports/numerics.json").read_text())["tensorflow.build"] == "CPU"
+    # The numeric environment records which TensorFlow build trained: tensorflow-cpu is the CPU one.
+    build = "CPU" if installed("tensorflow-cpu") else "CUDA"
+    assert json.loads((project / "reports/numerics.json").read_text())["tensorflow.build"] == build
+
+
+def installed(distribution: str) -> bool:
+    try:
+        importlib.metadata.version(distribution)
+        return True
+    except importlib.metadata.PackageNotFoundError:
+        return False
