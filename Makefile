@@ -127,7 +127,8 @@ pull: $(INSTALLED)
 
 ## bench: the pipeline's cost vs the bare Keras script, side by side, and the CNN preset over 3 seeds
 ##   (BENCH_ARGS=--no-cnn skips it); writes bench/results.md and README's speed table. About 15 minutes
-##   on 2 cores, 20 with the CNN.
+##   on 2 cores, 20 with the CNN. BENCH_ARGS="--install-only --install-baseline <rev>": the install alone
+##   (fresh installs, venv size after `make run`, import time), against <rev>'s
 bench: $(INSTALLED)
 	python bench/bench.py $(BENCH_ARGS)
 
