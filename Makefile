@@ -3,11 +3,14 @@ SHELL := /bin/bash
 PYTHON ?= python3
 VENV := .venv
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
-INSTALLED := $(VENV)/.installed
-# With an NVIDIA GPU (nvidia-smi lists one, or GPU=1), TensorFlow needs its CUDA libraries:
-# requirements-gpu.lock is requirements.lock plus tensorflow[and-cuda]'s packages. GPU=0 forces the CPU lock.
+# Without a GPU, TensorFlow's CPU build (requirements.lock); with an NVIDIA GPU (nvidia-smi lists one,
+# or GPU=1), its CUDA build, CUDA libraries and NVML (requirements-gpu.lock). GPU=0 forces the CPU lock.
 GPU ?= $(shell nvidia-smi --list-gpus >/dev/null 2>&1 && echo 1 || echo 0)
 LOCK := $(if $(filter 1,$(GPU)),requirements-gpu.lock,requirements.lock)
+# What running needs (`make run` and the other commands), then what tests, lint and docs add
+# (requirements-dev.lock): targets that need the latter depend on $(DEV_INSTALLED).
+INSTALLED := $(VENV)/.installed
+DEV_INSTALLED := $(VENV)/.installed-dev
 # Loopback only, unless you say otherwise: the UI has no authentication.
 HOST ?= 127.0.0.1
 PORT ?= 5000
@@ -21,7 +24,7 @@ given = $(if $(filter command line,$(origin $(1))),$($(1)))
 option = $(if $(call given,$(1)),$(2) '$(call given,$(1))')
 flag = $(if $(filter 1 yes true,$(call given,$(1))),$(2))
 
-.PHONY: help run warm cold test test-fast lint docs docs-serve params reset ui server serve promote sweep tune compare reproduce push pull bench numerics lock clean
+.PHONY: another-lock help run warm cold test test-fast lint docs docs-serve params reset ui server serve promote sweep tune compare reproduce push pull bench numerics lock clean
 
 ## help: this list
 help:
@@ -46,15 +49,15 @@ TEST_WORKERS ?= auto
 PYTEST := pytest $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist loadscope)
 
 ## test: the test suite (real DVC, Hydra, MLflow and TensorFlow on tiny data; TEST_WORKERS=auto)
-test: $(INSTALLED)
+test: $(DEV_INSTALLED)
 	$(PYTEST) $(PYTEST_ARGS)
 
 ## test-fast: the tests that train nothing end to end (schema, parsers, error lines, CLI checks)
-test-fast: $(INSTALLED)
+test-fast: $(DEV_INSTALLED)
 	$(PYTEST) -m "not slow" $(PYTEST_ARGS)
 
 ## lint: ruff check and ruff format --check (rules in pyproject.toml; `ruff format .` fixes the layout)
-lint: $(INSTALLED)
+lint: $(DEV_INSTALLED)
 	ruff check .
 	ruff format --check .
 
@@ -63,11 +66,11 @@ MKDOCS := NO_MKDOCS_2_WARNING=1 mkdocs
 
 ## docs: the documentation site (docs/, mkdocs.yml), built strictly into site/: a broken link or a page
 ##   missing from the nav fails
-docs: $(INSTALLED)
+docs: $(DEV_INSTALLED)
 	$(MKDOCS) build --strict --site-dir site
 
 ## docs-serve: the documentation site on http://127.0.0.1:8000, rebuilt on every edit
-docs-serve: $(INSTALLED)
+docs-serve: $(DEV_INSTALLED)
 	$(MKDOCS) serve --strict --dev-addr 127.0.0.1:8000
 
 ## params: compose conf/ (plus OVERRIDES="key=value ...") into params.yaml
@@ -146,7 +149,8 @@ pull: $(INSTALLED)
 
 ## bench: the pipeline's cost vs the bare Keras script, side by side, and the CNN preset over 3 seeds
 ##   (BENCH_ARGS=--no-cnn skips it); writes bench/results.md and docs/performance.md's table. Long: every
-##   measurement is repeated (--repeats), and the CNN trains once per seed.
+##   measurement is repeated (--repeats), and the CNN trains once per seed. BENCH_ARGS="--install-only
+##   --install-baseline <rev>": the install alone (fresh installs, venv size after `make run`, import time)
 bench: $(INSTALLED)
 	python bench/bench.py $(BENCH_ARGS)
 
@@ -155,21 +159,34 @@ bench: $(INSTALLED)
 numerics: $(INSTALLED)
 	python bench/numeric_environments.py
 
-## lock: re-resolve pyproject.toml's ranges into requirements.lock, then requirements-gpu.lock (the same
-##   plus TensorFlow's CUDA libraries, resolved by pip --dry-run: nothing downloaded); needs the network
+## lock: re-resolve pyproject.toml into requirements.lock (CPU build), requirements-gpu.lock (CUDA build)
+##   and requirements-dev.lock (tests, lint, docs), keeping the versions they pin unless UPGRADE=1 (pip's
+##   --dry-run resolver: nothing downloaded); needs the network
 lock:
-	rm -rf .lock-venv && $(PYTHON) -m venv .lock-venv
-	.lock-venv/bin/pip install --quiet --upgrade pip && .lock-venv/bin/pip install --quiet ".[test]"
-	{ sed -n 1p requirements.lock; .lock-venv/bin/pip freeze --exclude mnist-pipeline; } > requirements.lock.new
-	mv requirements.lock.new requirements.lock
-	.lock-venv/bin/python tools/gpu_lock.py && rm -rf .lock-venv
+	rm -rf .lock-venv && $(PYTHON) -m venv .lock-venv && .lock-venv/bin/pip install --quiet --upgrade pip
+	.lock-venv/bin/python tools/lock.py $(call flag,UPGRADE,--upgrade) && rm -rf .lock-venv
 
-$(INSTALLED): $(LOCK) requirements.lock
+# A venv holds exactly one lock: pip install -r adds and upgrades but never removes, so a lock that
+# dropped a package, or the other TensorFlow build (both install the module `tensorflow`), would
+# leave it behind. A changed runtime lock, or another one (the stamp names the venv's: GPU=1 after a
+# CPU install), therefore rebuilds the venv from scratch.
+# No --quiet: pip shows each package as it is downloaded and installed. Bytecode is compiled here, as
+# pip does by default: where PYTHONDONTWRITEBYTECODE is set (as in many container images), Python
+# would otherwise compile TensorFlow's modules anew in every stage's process.
+$(INSTALLED): $(LOCK) $(if $(filter $(LOCK),$(shell cat $(INSTALLED) 2>/dev/null)),,another-lock)
+	rm -rf $(VENV)
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install --quiet --upgrade pip
-	$(VENV)/bin/pip install --quiet -r $(LOCK)
-	@echo "installed .venv from $(LOCK)"
+	@echo "installing .venv from $(LOCK)"
+	$(VENV)/bin/pip install -r $(LOCK)
+	echo $(LOCK) > $@
+
+$(DEV_INSTALLED): $(INSTALLED) requirements-dev.lock
+	@echo "adding requirements-dev.lock to .venv (tests, lint, docs)"
+	$(VENV)/bin/pip install -r $(LOCK) -r requirements-dev.lock
 	touch $@
+
+another-lock:
 
 ## clean: remove the environment (outputs stay in the DVC cache)
 clean:

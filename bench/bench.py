@@ -35,6 +35,7 @@ QUICK_EXPERIMENT = [
     *(argument for override in QUICK_OVERRIDES for argument in ("-S", override)),
 ]
 CNN_SEEDS = 3
+INSTALL_BEGIN, INSTALL_END = "<!-- install:begin -->", "<!-- install:end -->"
 SAMPLE_SECONDS = 0.01  # how often a stage's anonymous memory is read
 # Runs a module as `python -m` would and writes its peak resident KiB (Linux's VmHWM) to a file at exit.
 PEAK_REPORTER = """
@@ -76,9 +77,10 @@ def latest_run(project: Path) -> tuple[float, float]:
     return run.data.metrics["fit_seconds"], run.data.metrics.get("test_accuracy", float("nan"))
 
 
-def make_bench_project(destination: Path) -> Path:
-    """The committed project, as a fresh git + DVC repository."""
-    archive = subprocess.run(["git", "archive", "HEAD"], cwd=REPO, capture_output=True, check=True).stdout
+def make_bench_project(destination: Path, revision: str = "HEAD") -> Path:
+    """The committed project (or that of another revision), as a fresh git + DVC repository."""
+    destination.mkdir(exist_ok=True)
+    archive = subprocess.run(["git", "archive", revision], cwd=REPO, capture_output=True, check=True).stdout
     subprocess.run(["tar", "-x", "-C", str(destination)], input=archive, check=True)
     for command in (
         ["git", "init", "-q"],
@@ -106,7 +108,7 @@ def summary(values: list[float]) -> str:
     return f"{min(values):.1f} / {statistics.median(values):.1f}"
 
 
-def bench(repeats: int, cnn: bool) -> None:
+def bench_environment() -> dict:
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
     # The cold figures with no warm process at all; measure_warm turns the default back on.
     env["PIPELINE_WARM"] = "0"
@@ -115,6 +117,11 @@ def bench(repeats: int, cnn: bool) -> None:
     if not env.get("MNIST_MIRROR"):
         shared = REPO.parent / "shared" / "data" / "mnist"
         env["MNIST_MIRROR"] = str(shared) if shared.is_dir() else ""
+    return env
+
+
+def bench(repeats: int, cnn: bool) -> None:
+    env = bench_environment()
     measured = {
         key: []
         for key in (
@@ -222,6 +229,78 @@ def warm_ready_seconds(project: Path, seconds: float = 600) -> float:
             sys.exit(f"bench: no warm process became ready in {seconds:.0f} s: see {log}")
         time.sleep(0.5)
     return float(ready[1])
+
+
+def measure_install(baseline: str | None, repeats: int) -> None:
+    """The install on a CPU machine as a new user meets it, for this commit and for `baseline`: a fresh
+    clone's `make` install (its wall time, pip's cache off, so every wheel is fetched), the venv's size
+    after `make run` (du), the train stage's imports (Keras with TensorFlow) in a fresh process, and
+    what `make test`'s install adds. Writes the install section of bench/results.md."""
+    env = bench_environment()
+    env["PIP_NO_CACHE_DIR"] = "1"
+    env.pop("VIRTUAL_ENV", None)
+    env["PATH"] = os.pathsep.join(
+        part for part in env["PATH"].split(os.pathsep) if part != str(Path(sys.executable).parent)
+    )
+    revisions = {"this commit": "HEAD", **({f"before ({baseline})": baseline} if baseline else {})}
+    results = {}
+    with tempfile.TemporaryDirectory(prefix="bench-install-") as scratch:
+        projects = {
+            label: make_bench_project(Path(scratch) / str(index), rev)
+            for index, (label, rev) in enumerate(revisions.items())
+        }
+        for label, project in projects.items():
+            install = timed(["make", "GPU=0", ".venv/.installed"], project, env)[0]
+            lock = (project / "requirements.lock").read_text()
+            timed(["make", "GPU=0", "run"], project, env)
+            results[label] = {"install": install, "size": du_gib(project / ".venv"), "lock": lock, "imports": []}
+            print(
+                f"bench: {label}: installed in {install:.0f} s, {results[label]['size']:.2f} GiB after `make run`",
+                file=sys.stderr,
+            )
+        for _ in range(repeats):  # interleaved
+            for label, project in projects.items():
+                python = str(project / ".venv" / "bin" / "python")
+                results[label]["imports"].append(timed([python, "-c", "import keras, tensorflow"], project, env)[0])
+        here = projects["this commit"]
+        dev_install = timed(["make", "GPU=0", ".venv/.installed-dev"], here, env)[0]
+        dev_size = du_gib(here / ".venv")
+    rows = [
+        f"| {label} | {tensorflow_in(result['lock'])} | {result['install']:.0f} s | {result['size']:.2f} GiB "
+        f"| {summary(result['imports'])} s |"
+        for label, result in results.items()
+    ]
+    section = (
+        f"{INSTALL_BEGIN}\n## Install (CPU machine)\n\n"
+        f'Measured by `make bench BENCH_ARGS="--install-only{" --install-baseline " + baseline if baseline else ""}"` '
+        f"on {date.today().isoformat()}: {machine()}. Each revision in a fresh copy: `make`'s install with pip's "
+        f"cache off (one install each: its time moves with the package index and the machine's load), the "
+        f"venv's size (du) after `make run`, and {repeats} interleaved fresh processes importing Keras with "
+        "TensorFlow (seconds as min / median).\n\n"
+        "| revision | TensorFlow | install (`make run`'s) | venv after `make run` | import keras, tensorflow |\n"
+        "| --- | --- | --- | --- | --- |\n" + "\n".join(rows) + "\n\n"
+        f"`make test` then adds requirements-dev.lock (tests, lint, docs) in {dev_install:.0f} s: "
+        f"{dev_size:.2f} GiB in all.\n{INSTALL_END}"
+    )
+    text = RESULTS.read_text() if RESULTS.exists() else "# Benchmark results\n"
+    if INSTALL_BEGIN in text:
+        text = re.sub(f"{INSTALL_BEGIN}.*?{INSTALL_END}", lambda _: section, text, flags=re.S)
+    else:
+        text = text.rstrip("\n") + "\n\n" + section + "\n"
+    RESULTS.write_text(text)
+    print(section)
+
+
+def tensorflow_in(lock: str) -> str:
+    return "tensorflow-cpu" if re.search(r"^tensorflow[-_]cpu==", lock, re.M) else "tensorflow (CUDA build)"
+
+
+def du_gib(path: Path) -> float:
+    """Disk usage as du counts it (allocated blocks), in GiB."""
+    return (
+        int(subprocess.run(["du", "-sk", str(path)], capture_output=True, text=True, check=True).stdout.split()[0])
+        / 2**20
+    )
 
 
 def measure_stages(project: Path, env: dict, overrides: list[str] = ()) -> dict[str, StageCost]:
@@ -500,6 +579,9 @@ Tracking off is `bench/untracked_train.py`: the same `train()` with every MLflow
 also skips the history CSV and curves, built from the tracked metrics: an upper bound).
 """
     )
+    previous = RESULTS.read_text() if RESULTS.exists() else ""
+    if INSTALL_BEGIN in previous:  # measured by --install-only, kept until that runs again
+        text += "\n" + previous[previous.index(INSTALL_BEGIN) : previous.index(INSTALL_END) + len(INSTALL_END)] + "\n"
     RESULTS.write_text(text)
     page = REPO / "docs/performance.md"  # shows the same table
     begin, end = "<!-- bench:begin -->", "<!-- bench:end -->"
@@ -517,10 +599,26 @@ def main() -> None:
         action="store_false",
         help=f"skip the CNN preset ({CNN_SEEDS} seeds, about 2 minutes each on 2 cores)",
     )
+    parser.add_argument(
+        "--install-only",
+        action="store_true",
+        help="measure only the install (fresh installs from the package index, `make run`, imports) and "
+        "rewrite that section of bench/results.md; about 10 minutes with a baseline",
+    )
+    parser.add_argument(
+        "--install-baseline",
+        metavar="REV",
+        help="with --install-only: also measure the install of this revision (e.g. the commit before a lock change)",
+    )
     arguments = parser.parse_args()
     if arguments.repeats < 3:
         parser.error("--repeats must be at least 3 (min and median need them)")
-    bench(arguments.repeats, arguments.cnn)
+    if arguments.install_baseline and not arguments.install_only:
+        parser.error("--install-baseline goes with --install-only")
+    if arguments.install_only:
+        measure_install(arguments.install_baseline, arguments.repeats)
+    else:
+        bench(arguments.repeats, arguments.cnn)
 
 
 if __name__ == "__main__":

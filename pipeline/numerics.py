@@ -100,7 +100,7 @@ def numeric_environment() -> dict[str, str]:
             tf.config.threading.get_inter_op_parallelism_threads() or os.environ.get("TF_NUM_INTEROP_THREADS") or 0
         ),
         "tensorflow.version": tf.__version__,
-        "tensorflow.build": "CUDA" if build.get("is_cuda_build") else "CPU",
+        "tensorflow.build": tensorflow_build(),
         # TensorFlow's own answer: its default depends on the CPU, and the pipeline sets one (pipeline/__init__.py).
         "onednn": "on" if _pywrap_util_port.IsMklEnabled() else "off",
         "onednn.max_cpu_isa": os.environ.get("ONEDNN_MAX_CPU_ISA", "none"),
@@ -111,6 +111,13 @@ def numeric_environment() -> dict[str, str]:
         environment["cuda"] = str(build.get("cuda_version", "unknown"))
         environment["cudnn"] = str(build.get("cudnn_version", "unknown"))
     return environment
+
+
+def tensorflow_build() -> str:
+    """TensorFlow's build: "CUDA" (the tensorflow package on Linux) or "CPU" (tensorflow-cpu)."""
+    import tensorflow as tf
+
+    return "CUDA" if tf.sysconfig.get_build_info().get("is_cuda_build") else "CPU"
 
 
 def gpu_driver() -> str:

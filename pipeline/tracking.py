@@ -10,6 +10,7 @@ refuses the request. Each becomes one PipelineError line naming the fix (store_f
 pipeline never deletes or rewrites anything in the store to recover.
 """
 
+import functools
 import logging
 import os
 import platform
@@ -318,6 +319,45 @@ def installed_packages() -> str:
 
     # Every .metadata (and .version) parses METADATA anew: read once per package.
     return "\n".join(sorted("{Name}=={Version}".format_map(dist.metadata) for dist in distributions())) + "\n"
+
+
+GPU_METRICS_TAG, GPU_METRICS_MISSING_TAG = "gpu.metrics", "gpu.metrics.missing"
+
+
+@functools.cache
+def gpu_metrics(tensorflow_gpus: int, tensorflow_build: str) -> dict[str, str]:
+    """Which GPU metrics a training run records, as its tags: gpu.metrics is `system` (MLflow's
+    system/gpu_* metrics: utilisation, memory, power, read through NVML), `training` (the train stage's
+    per-epoch device memory from TensorFlow), both, or `none`; gpu.metrics.missing says why one is not.
+
+    Builds MLflow's own GPU monitor, as its system-metrics sampler does when the run starts
+    (SystemMetricsMonitor._initialize_gpu_monitor), and reads why it fails: that sampler only says
+    "Skip logging GPU metrics" at INFO level.
+    """
+    from mlflow.system_metrics.metrics.gpu_monitor import GPUMonitor
+
+    recorded, missing = [], []
+    try:
+        if GPUMonitor().num_gpus:
+            recorded.append("system")
+        else:
+            missing.append("no GPU: NVML lists none")
+    except ImportError:
+        missing.append("no NVML: nvidia-ml-py is not installed, only the GPU lock (requirements-gpu.lock) has it")
+    except Exception as error:  # RuntimeError from the monitor, NVML's own error as its context
+        cause = type(error.__context__).__name__
+        if cause == "NVMLError_LibraryNotFound":
+            missing.append("no GPU: no NVIDIA driver (NVML's library libnvidia-ml.so is not found)")
+        else:
+            missing.append(f"driver error: NVML does not start ({error.__context__ or error})")
+    if tensorflow_gpus:
+        recorded.append("training")
+    else:
+        missing.append(f"no GPU: TensorFlow ({tensorflow_build} build) sees none")
+    tags = {GPU_METRICS_TAG: ",".join(recorded) or "none"}
+    if missing:
+        tags[GPU_METRICS_MISSING_TAG] = "; ".join(missing)
+    return tags
 
 
 @contextmanager

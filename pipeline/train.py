@@ -174,6 +174,36 @@ class EpochLogger(keras.callbacks.Callback):
         )
 
 
+class DeviceMemoryLogger(keras.callbacks.Callback):
+    """Logs per epoch the memory TensorFlow's allocator holds on each device, at the epoch's end and at
+    its peak (tf.config.experimental.get_memory_info), as gpu_<i>_memory_megabytes and
+    gpu_<i>_memory_peak_megabytes: what the training itself needed, beside MLflow's system/gpu_* view
+    of the whole device."""
+
+    def __init__(self, devices: list[str]):
+        super().__init__()
+        self.devices = devices  # "GPU:0", ...
+
+    def on_epoch_begin(self, epoch, logs=None):
+        for device in self.devices:
+            tf.config.experimental.reset_memory_stats(device)  # the peak of this epoch, not of the process
+
+    def on_epoch_end(self, epoch, logs=None):
+        metrics = {}
+        for device in self.devices:
+            memory = tf.config.experimental.get_memory_info(device)
+            name = device.lower().replace(":", "_")
+            metrics[f"{name}_memory_megabytes"] = memory["current"] / 1e6  # megabytes, as MLflow's system/gpu_*
+            metrics[f"{name}_memory_peak_megabytes"] = memory["peak"] / 1e6
+        mlflow.log_metrics(metrics, step=epoch)
+
+
+def gpu_memory_logger() -> list[keras.callbacks.Callback]:
+    """A DeviceMemoryLogger over every GPU TensorFlow sees; none without one (the gpu.metrics tags say why)."""
+    gpus = tf.config.list_physical_devices("GPU")
+    return [DeviceMemoryLogger([f"GPU:{index}" for index in range(len(gpus))])] if gpus else []
+
+
 def distribution_strategy(config: TrainConfig) -> tf.distribute.Strategy:
     """The devices training runs on (conf/config.yaml, train.distribution and train.replicas)."""
     if config.distribution == "single":
@@ -255,6 +285,7 @@ def train(model_config: MlpConfig | CnnConfig, train_config: TrainConfig) -> Non
             callbacks=[
                 StopOnNonFiniteLoss(train_config),
                 EpochLogger(len(train_labels)),
+                *gpu_memory_logger(),
                 EpochCheckpoint(checkpoint_dir),
             ],
             shuffle=False,  # training_batches shuffles, per epoch, in a resumable order
@@ -277,13 +308,22 @@ def set_up(config: TrainConfig) -> tf.distribute.Strategy:
     if config.mixed_precision:
         keras.mixed_precision.set_global_policy("mixed_float16")
     gpus = tf.config.list_physical_devices("GPU")
+    gpu_metrics = gpu_metrics_tags(len(gpus))
+    missing = gpu_metrics.get(tracking.GPU_METRICS_MISSING_TAG)
     print(
-        f"train: on {len(gpus)} GPU(s), {strategy.num_replicas_in_sync} replica(s)"
-        if gpus
-        else f"train: on the CPU ({os.cpu_count()} cores; TensorFlow sees no GPU)",
+        (
+            f"train: on {len(gpus)} GPU(s), {strategy.num_replicas_in_sync} replica(s)"
+            if gpus
+            else f"train: on the CPU ({os.cpu_count()} cores; TensorFlow sees no GPU)"
+        )
+        + f"; GPU metrics: {gpu_metrics[tracking.GPU_METRICS_TAG]}{f' ({missing})' if missing else ''}",
         file=sys.stderr,
     )
     return strategy
+
+
+def gpu_metrics_tags(gpus: int) -> dict[str, str]:
+    return tracking.gpu_metrics(gpus, numerics.tensorflow_build())
 
 
 def build_compiled_model(
@@ -426,6 +466,7 @@ def describe_run(
         "model.name": model_config.name,
         "tensorflow.device": "GPU" if gpus else "CPU",
         "train.replicas_in_sync": str(strategy.num_replicas_in_sync),
+        **gpu_metrics_tags(len(gpus)),  # which GPU metrics the run records, and why not
         # What decides the weights' last bits (CPU ISA, threads, oneDNN, GPU): `make reproduce` reads it.
         **numerics.as_tags(numerics.numeric_environment()),
     }
