@@ -24,7 +24,16 @@ from tests.helpers import CHROMIUM, REPO, TINY, QuietHandler, make_project, rend
 SECTIONS = ("Quick start", "Changing parameters", "Reproduce a result")
 # The docs pages whose ```bash blocks are commands a user types, run after the README's, in this order.
 # A page joins by being listed here; illustrative commands and output go in ```text blocks.
-DOC_PAGES = ("getting-started.md", "configuration.md", "tracking.md", "reproducibility.md", "development.md")
+DOC_PAGES = (
+    "getting-started.md",
+    "install.md",
+    "configuration.md",
+    "tracking.md",
+    "reproducibility.md",
+    "development.md",
+    "warm.md",
+    "mistakes.md",
+)
 README_LINES, README_WIDTH = 250, 120
 MKDOCS = REPO / ".venv/bin/mkdocs"
 
