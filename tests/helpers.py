@@ -206,16 +206,18 @@ def run_stage_process(project: Path, env: dict, name: str, **extra: str) -> tupl
     return result, time.monotonic() - started
 
 
-def served_classes(project: Path, env: dict, count: int, **variables: str) -> np.ndarray:
-    """`make serve` on a free loopback port; the classes it answers for the first `count` test images."""
+def served_classes(project: Path, env: dict, count: int, log: Path | None = None, **variables: str) -> np.ndarray:
+    """`make serve` on a free loopback port; the classes it answers for the first `count` test images.
+    log: a file that receives the server's output."""
     port = free_port()
     settings = [f"{key}={value}" for key, value in variables.items()]
+    output = log.open("w") if log else subprocess.DEVNULL
     server = subprocess.Popen(
         ["make", "--no-print-directory", "serve", f"PORT={port}", *settings],
         cwd=project,
         env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
+        stdout=output,
+        stderr=subprocess.STDOUT if log else subprocess.DEVNULL,
         start_new_session=True,
     )
     try:
@@ -231,3 +233,5 @@ def served_classes(project: Path, env: dict, count: int, **variables: str) -> np
             return np.asarray(json.load(response)["predictions"]).argmax(axis=1)
     finally:
         stop(server)
+        if log:
+            output.close()
