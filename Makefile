@@ -111,7 +111,7 @@ tune: $(INSTALLED)
 ##   among them, within 100 columns (wider for long experiment names). ALL=1: every commit's experiments
 # --only-changed drops the params that every row shares; --drop the stage outputs, the other metrics and
 # dvc's bookkeeping; --keep holds test_accuracy even when every row has the same.
-RUNS_DROP := ^(Created|State|Executor|[a-z_]+|.*/.*|(download|evaluate|error_analysis)\..*)$$
+RUNS_DROP := ^(Created|State|Executor|[a-z0-9_]+|.*/.*|.*\.(lock|py|yaml|yml|json|csv|txt)|(download|evaluate|error_analysis)\..*)$$
 runs: $(INSTALLED)
 	@COLUMNS=$${COLUMNS:-100} dvc exp show --no-pager --only-changed --drop '$(RUNS_DROP)' --keep '^test_accuracy$$' \
 		--sort-by test_accuracy --sort-order desc --precision 4 $(call flag,ALL,--all-commits)

@@ -292,7 +292,8 @@ def varied_params() -> list[str]:
         for section, values in (yaml.safe_load(preset.read_text(encoding="utf-8")) or {}).items():
             if isinstance(values, dict):
                 keys.update(f"{section}.{key}" for key in values)
-    return sorted(keys)
+    # The table shows its columns in this order and renders only those in the window's width: train's first.
+    return sorted(keys, key=lambda key: (["train", "model", "data"].index(key.partition(".")[0]), key))
 
 
 def runs_view() -> dict:
@@ -309,7 +310,7 @@ def runs_view() -> dict:
         card(
             "LINE",
             f"curve-{name}",
-            displayName=f"{name} (training and validation, per epoch)",
+            displayName=f"{name} (train, val)",
             metricKey=keys[0],
             selectedMetricKeys=list(keys),
             xAxisKey="step",
@@ -328,7 +329,7 @@ def runs_view() -> dict:
             "PARALLEL",
             "params-to-accuracy",
             displayName="parameters and test accuracy",
-            selectedParams=[key for key in params if key != "model.name"],
+            selectedParams=[key for key in params if key not in ("model.name", "data.limit")],
             selectedMetrics=[TEST_ACCURACY],
             showAllRuns=True,
         ),
@@ -525,8 +526,13 @@ def runs_url(host: str, port: int) -> None:
 
 
 def runs_path(experiment: str) -> str:
-    """The runs page in the project's saved view (runs_view): best test accuracy first, the params that vary."""
-    return f"#/experiments/{experiment}/runs?viewStateShareKey={VIEW_ID}"
+    """The runs page in the project's saved view (runs_view): best test accuracy first, the params that vary.
+
+    workflowType: MLflow 3.17's sidebar follows a per-browser toggle (GenAI or Model training, kept in
+    the browser's storage, GenAI unless switched) that the experiment's kind does not override; the
+    URL's parameter does, for this page.
+    """
+    return f"#/experiments/{experiment}/runs?viewStateShareKey={VIEW_ID}&workflowType=machine_learning"
 
 
 if __name__ == "__main__":
