@@ -310,7 +310,6 @@ def runs_view() -> dict:
         card(
             "LINE",
             f"curve-{name}",
-            displayName=f"{name} (train, val)",
             metricKey=keys[0],
             selectedMetricKeys=list(keys),
             xAxisKey="step",
@@ -321,7 +320,7 @@ def runs_view() -> dict:
             useGlobalLineSmoothing=False,
             range={},
         )
-        for name, keys in CURVES.items()
+        for name, keys in CURVES.items()  # MLflow titles such a card "accuracy vs val_accuracy"
     ]
     charts = [
         card("BAR", "test-accuracy", displayName="test accuracy", metricKey=TEST_ACCURACY),

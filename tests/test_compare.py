@@ -211,6 +211,10 @@ def mlflow_ui(tiny_sweep):
         stop(server)
 
 
+def best_name(runs: dict) -> str:
+    return max(runs, key=lambda name: runs[name].data.metrics["test_accuracy"])
+
+
 def render(url: str, screenshot: Path) -> str:
     """The page's DOM after its scripts ran, and a screenshot, from headless Chromium."""
     flags = [
@@ -261,8 +265,9 @@ def test_ui_shows_the_sweep(tiny_sweep, mlflow_ui, tmp_path):
     for column in ("test_accuracy", "train.batch_size", "train.learning_rate"):  # the first of the window's width
         assert column in runs_page, f"{column!r} is not a column of the runs table"
     charts = render(f"{mlflow_ui}/{runs_path(experiment)}&compareRunsMode=CHART", screenshots / "ui-charts.png")
-    assert "accuracy (train, val)" in charts
-    best = max(runs.values(), key=lambda tracked: tracked.data.metrics["test_accuracy"])
+    # A line card of several metrics labels each line "<run> (<metric>)": validation beside training.
+    assert f"{best_name(runs)} (val_accuracy)" in charts and f"{best_name(runs)} (accuracy)" in charts
+    best = runs[best_name(runs)]
     run_page = render(
         f"{mlflow_ui}/#/experiments/{experiment}/runs/{best.info.run_id}/model-metrics?workflowType=machine_learning",
         screenshots / "ui-run.png",
