@@ -24,7 +24,7 @@ given = $(if $(filter command line,$(origin $(1))),$($(1)))
 option = $(if $(call given,$(1)),$(2) '$(call given,$(1))')
 flag = $(if $(filter 1 yes true,$(call given,$(1))),$(2))
 
-.PHONY: another-lock help run warm cold test test-fast lint docs docs-serve params reset ui server serve promote sweep tune compare reproduce push pull bench numerics lock clean
+.PHONY: another-lock help run warm cold test test-fast lint docs docs-serve params reset ui server serve promote sweep tune runs compare reproduce push pull bench numerics lock clean
 
 ## help: this list
 help:
@@ -132,10 +132,20 @@ tune: $(INSTALLED)
 		$(call option,STUDY_STORAGE,--storage) $(call option,STUDY,--study) $(call option,CONFIRM_SEEDS,--confirm-seeds) \
 		$(call flag,FORCE,--force)
 
-## compare: regenerate reports/comparison.{md,csv,png} from the tracked MLflow runs
-##   (refuses to replace them with a table of fewer runs unless FORCE=1)
+## runs: the DVC experiments in a terminal: test accuracy (best first) and only the params that differ
+##   among them, within 100 columns (wider for long experiment names). ALL=1: every commit's experiments
+# --only-changed drops the params that every row shares; --drop the stage outputs, the other metrics and
+# dvc's bookkeeping; --keep holds test_accuracy even when every row has the same.
+RUNS_DROP := ^(Created|State|Executor|[a-z0-9_]+|.*/.*|.*\.(lock|py|yaml|yml|json|csv|txt)|(download|evaluate|error_analysis)\..*)$$
+runs: $(INSTALLED)
+	@COLUMNS=$${COLUMNS:-100} dvc exp show --no-pager --only-changed --drop '$(RUNS_DROP)' --keep '^test_accuracy$$' \
+		--sort-by test_accuracy --sort-order desc --precision 4 $(call flag,ALL,--all-commits)
+
+## compare: regenerate reports/comparison.{md,csv,png} from the tracked MLflow runs, each setting
+##   against the default with a 95% interval and a verdict (refuses to replace them with a table of fewer runs
+##   unless FORCE=1). PLAN=0.2: the seeds each setting needs for an interval of ±0.2 points, writes nothing
 compare: $(INSTALLED)
-	python -m commands.compare $(call flag,FORCE,--force)
+	python -m commands.compare $(call flag,FORCE,--force) $(call option,PLAN,--plan)
 
 ## reproduce: recompute a result and compare (REV=HEAD, a commit or tag, or RUN=<mlflow run id>; TOLERANCE=)
 reproduce: $(INSTALLED)

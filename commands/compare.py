@@ -64,6 +64,78 @@ def uncommitted(run: mlflow.entities.Run) -> bool:
     return run.data.tags.get("git.dirty") != "false"
 
 
+BASELINE = "default"
+CONFIDENCE = 0.95
+
+
+def welch_interval(setting: np.ndarray, baseline: np.ndarray, confidence: float = CONFIDENCE) -> dict:
+    """Difference of mean test accuracies (setting - baseline) and its Welch confidence interval."""
+    return welch_from_summary(
+        *(
+            (float(np.mean(sample)), float(np.std(sample, ddof=1)) if len(sample) > 1 else np.nan, len(sample))
+            for sample in (setting, baseline)
+        ),
+        confidence,
+    )
+
+
+def welch_from_summary(setting: tuple, baseline: tuple, confidence: float = CONFIDENCE) -> dict:
+    """The same from (mean, sample standard deviation, n) of each side, as reports/comparison.csv holds them.
+
+    Welch's t interval: the two settings' seeds are independent samples whose variances may differ.
+    Standard error sqrt(s1²/n1 + s2²/n2) with sample variances (ddof=1); degrees of freedom by
+    Welch–Satterthwaite, (s1²/n1 + s2²/n2)² / ((s1²/n1)²/(n1-1) + (s2²/n2)²/(n2-1)); the t quantile
+    at (1 + confidence) / 2 from scipy.stats.t. It equals the interval scipy.stats.ttest_ind(setting,
+    baseline, equal_var=False).confidence_interval(confidence) gives. Needs two seeds on each side.
+    """
+    from scipy import stats
+
+    (mean, std, seeds), (baseline_mean, baseline_std, baseline_seeds) = setting, baseline
+    difference = mean - baseline_mean
+    if seeds < 2 or baseline_seeds < 2:
+        return {"difference": difference, "low": np.nan, "high": np.nan, "dof": np.nan}
+    terms = std**2 / seeds, baseline_std**2 / baseline_seeds
+    error = float(np.sqrt(sum(terms)))
+    if error == 0:  # every seed gave the same accuracy on both sides: no spread to widen the interval
+        return {"difference": difference, "low": difference, "high": difference, "dof": np.inf}
+    dof = float(sum(terms) ** 2 / (terms[0] ** 2 / (seeds - 1) + terms[1] ** 2 / (baseline_seeds - 1)))
+    half = float(stats.t.ppf((1 + confidence) / 2, dof)) * error
+    return {"difference": difference, "low": difference - half, "high": difference + half, "dof": dof}
+
+
+def verdict(interval: dict, seeds: int, baseline_seeds: int) -> str:
+    """'better' or 'worse' when the interval excludes 0, else how many seeds could not tell them apart."""
+    if np.isnan(interval["low"]):
+        return "needs 2 seeds of each"
+    if interval["low"] > 0:
+        return "better"
+    if interval["high"] < 0:
+        return "worse"
+    counts = f"{seeds}" if seeds == baseline_seeds else f"{seeds} and {baseline_seeds}"
+    return f"not distinguishable with {counts} seeds"
+
+
+def seeds_for(half_width: float, std: float, baseline_std: float, baseline_seeds: int | None = None) -> int | None:
+    """The fewest seeds whose 95% Welch interval would be at most ±half_width, were the spreads the
+    measured ones (std, baseline_std): the same number on both sides, or the setting's alone against
+    baseline_seeds of the baseline (None when no number of the setting's seeds is enough). Planning
+    only: a spread measured on a few seeds is itself uncertain; the interval of the runs made decides."""
+    for seeds in range(2, 10_000):
+        interval = welch_from_summary((0.0, std, seeds), (0.0, baseline_std, baseline_seeds or seeds))
+        if interval["high"] <= half_width:
+            return seeds
+        if baseline_seeds and baseline_std / np.sqrt(baseline_seeds) * stats_z() > half_width:
+            return None  # the baseline's own share of the error is already too wide
+    return None
+
+
+def stats_z(confidence: float = CONFIDENCE) -> float:
+    """The normal quantile: the t quantile's limit, below which no number of seeds brings it."""
+    from scipy import stats
+
+    return float(stats.norm.ppf((1 + confidence) / 2))
+
+
 def summary_table(runs_by_setting: dict) -> pd.DataFrame:
     rows = []
     for setting, runs in runs_by_setting.items():
@@ -87,11 +159,28 @@ def summary_table(runs_by_setting: dict) -> pd.DataFrame:
                 "fit_seconds_mean": np.mean([run.data.metrics.get("fit_seconds", np.nan) for run in runs])
                 if runs
                 else np.nan,
+                **against_baseline(accuracies, runs_by_setting.get(BASELINE, []), setting),
                 "run_ids": " ".join(run.info.run_id for run in runs),
                 "uncommitted_run_ids": " ".join(run.info.run_id for run in runs if uncommitted(run)),
             }
         )
     return pd.DataFrame(rows)
+
+
+def against_baseline(accuracies: np.ndarray, baseline_runs: list, setting: str) -> dict:
+    """The table's columns for the setting's difference from the default: interval and verdict."""
+    baseline = np.array([run.data.metrics["test_accuracy"] for run in baseline_runs])
+    if setting == BASELINE or not len(accuracies) or not len(baseline):
+        return {"difference": np.nan, "difference_low": np.nan, "difference_high": np.nan, "welch_dof": np.nan,
+                "verdict": ""}  # fmt: skip
+    interval = welch_interval(accuracies, baseline)
+    return {
+        "difference": interval["difference"],
+        "difference_low": interval["low"],
+        "difference_high": interval["high"],
+        "welch_dof": interval["dof"],
+        "verdict": verdict(interval, len(accuracies), len(baseline)),
+    }
 
 
 def per_class_table(runs_by_setting: dict) -> pd.DataFrame:
@@ -118,6 +207,22 @@ def percent(value: float) -> str:
     return "—" if pd.isna(value) else f"{value:.2%}"
 
 
+def points(value: float) -> str:
+    """A difference of accuracies in percentage points, signed."""
+    return f"{value * 100:+.2f}".replace("-", "−")
+
+
+def against_default(row) -> str:
+    """'+0.02 pp [−0.35, +0.39]: not distinguishable with 3 seeds', or what is missing."""
+    if row.setting == BASELINE:
+        return "(the reference)"
+    if pd.isna(row.difference):
+        return "—"
+    if pd.isna(row.difference_low):
+        return f"{points(row.difference)} pp ({row.verdict})"
+    return f"{points(row.difference)} pp [{points(row.difference_low)}, {points(row.difference_high)}]: {row.verdict}"
+
+
 def setting_label(setting: str) -> str:
     """The setting's name; for `make tune`'s preset, how it was chosen (its header says)."""
     chosen = re.search(r"the best of (\d+) trials", TUNED_PRESET.read_text()) if setting == "tuned" else None
@@ -126,9 +231,9 @@ def setting_label(setting: str) -> str:
 
 def markdown(summary: pd.DataFrame, per_class: pd.DataFrame) -> str:
     lines = [
-        "| setting | model | hidden units | epochs | batch | learning rate | measured test accuracy | n | claimed "
-        "| fit time | runs |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| setting | model | hidden units | epochs | batch | learning rate | measured test accuracy | n "
+        "| vs default: difference, 95% CI | claimed | fit time | runs |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for row in summary.itertuples():
         measured = (
@@ -147,12 +252,15 @@ def markdown(summary: pd.DataFrame, per_class: pd.DataFrame) -> str:
         lines.append(
             f"| {setting_label(row.setting)} | {row.model} | {row.hidden_units or '—'} | {row.epochs} | "
             f"{row.batch_size} | {learning_rate} | "
-            f"{measured} | {row.n} | {percent(row.claimed_test_accuracy)} | {fit} | {runs} |"
+            f"{measured} | {row.n} | {against_default(row)} | {percent(row.claimed_test_accuracy)} | {fit} | {runs} |"
         )
     lines += [
         "",
         "Measured: mean ± sample standard deviation over seeds (n runs) on the official "
         "MNIST test set (10,000 images unless data.limit shrinks it). "
+        "vs default: the setting's mean minus the default's, in percentage points, with its 95% confidence "
+        "interval (Welch's t, Welch–Satterthwaite degrees of freedom); better or worse when the interval "
+        "excludes 0, else not distinguishable with that many seeds (docs/comparison.md). "
         "Claimed: the source article's figure, not reproduced here.",
         "",
     ]
@@ -263,12 +371,67 @@ def compare(force: bool) -> None:
     print(f"compare: wrote {MARKDOWN_FILE}, {CSV_FILE}, {PER_CLASS_FILE}, {CHART_FILE}", file=sys.stderr)
 
 
+def plan(half_width_points: float) -> None:
+    """Seeds per setting for a 95% interval of at most ±half_width_points against the default, from the
+    spread in the committed reports/comparison.csv (the last `make compare`).
+
+    A setting whose interval already excludes 0 is decided and needs no more seeds. The others need
+    the interval's half-width at most the target: first the same number n on both sides for each, the
+    default then taking the largest such n (every row compares with it), and each setting the fewest
+    seeds that reach the target against that many of the default.
+    """
+    if not half_width_points > 0:
+        raise PipelineError(
+            f"--plan takes a half-width in percentage points above 0, e.g. 0.2; got {half_width_points}"
+        )
+    if not CSV_FILE.exists():
+        raise PipelineError(f"{CSV_FILE} is missing: run `make compare` first (it measures the spread)")
+    table = pd.read_csv(CSV_FILE).set_index("setting")
+    measured = table[table.test_accuracy_std.notna()]
+    if BASELINE not in measured.index:
+        raise PipelineError(
+            f"{CSV_FILE} has no spread for {BASELINE} (2 seeds at least): `make sweep SETTINGS={BASELINE} SEEDS=3`"
+        )
+    target = half_width_points / 100
+
+    def summary(setting: str) -> tuple:
+        row = measured.loc[setting]
+        return row.test_accuracy_mean, row.test_accuracy_std, int(row.n)
+
+    baseline = summary(BASELINE)
+    undecided, lines = {}, []
+    for setting in measured.index.drop(BASELINE):
+        interval = welch_from_summary(summary(setting), baseline)
+        decided = verdict(interval, int(measured.loc[setting, "n"]), baseline[2])
+        if decided in ("better", "worse"):
+            lines.append(f"  {setting:<12} {decided} already at {int(measured.loc[setting, 'n'])} seeds: no more")
+        else:
+            undecided[setting] = seeds_for(target, summary(setting)[1], baseline[1])
+    baseline_seeds = max(undecided.values(), default=baseline[2])
+    for setting in undecided:
+        seeds = seeds_for(target, summary(setting)[1], baseline[1], baseline_seeds)
+        lines.append(f"  {setting:<12} std {summary(setting)[1]:.2%}: {seeds} seeds")
+    print(f"seeds for a 95% interval of ±{half_width_points:g} pp against {BASELINE} (from {CSV_FILE}):")
+    print(f"  {BASELINE:<12} std {baseline[1]:.2%}: {baseline_seeds} seeds", *lines, sep="\n")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
         "--force", action="store_true", help="write the table even when it has fewer runs than the committed one"
     )
-    guard("compare", compare, parser.parse_args().force)
+    parser.add_argument(
+        "--plan",
+        type=float,
+        metavar="POINTS",
+        help="print the seeds each setting needs for a 95%% interval of ±POINTS percentage points against the "
+        "default, from the committed table's spread; writes nothing",
+    )
+    arguments = parser.parse_args()
+    if arguments.plan is not None:
+        guard("compare", plan, arguments.plan)
+    else:
+        guard("compare", compare, arguments.force)
 
 
 if __name__ == "__main__":

@@ -15,11 +15,12 @@ import sys
 import mlflow
 import numpy as np
 
-from pipeline import tracking
+from pipeline import numerics, tracking
 from pipeline.data_io import load_split
 from pipeline.errors import PipelineError, guard
 
 REGISTERED_MODEL = "mnist-classifier"
+TEST_ACCURACY = tracking.TEST_ACCURACY
 ALIAS = "champion"
 
 
@@ -45,10 +46,27 @@ def model_uri(run_id: str | None, model: str | None) -> str:
         raise PipelineError("give RUN=<run id> or MODEL=<models:/... URI>, not both")
     if model:
         return model
-    run_id = run_id or latest_training_run()
+    return logged_model(run_id or latest_training_run()).model_uri
+
+
+def logged_model(run_id: str) -> "mlflow.entities.LoggedModel":
+    """The model a training run logged. MLflow 3 keeps it as a LoggedModel (models:/<model id>), not
+    among the run's artifacts: runs:/<id>/model still resolves, with a warning that it has no artifacts."""
     if tracking.run_state(run_id) != "active":
         raise PipelineError(f"no run {run_id} in {tracking.tracking_uri()} (or it is deleted)")
-    return f"runs:/{run_id}/model"
+    run = mlflow.get_run(run_id)
+    models = mlflow.search_logged_models(
+        experiment_ids=[run.info.experiment_id],
+        filter_string=f"source_run_id = '{run_id}' AND name = 'model'",
+        order_by=[{"field_name": "creation_time", "ascending": False}],
+        output_format="list",
+    )
+    if not models:
+        raise PipelineError(
+            f"run {run_id} logged no model (a failed or interrupted training?); choose a finished training "
+            "run (`make ui` lists them)"
+        )
+    return models[0]
 
 
 @tracking.store_faults()
@@ -84,12 +102,43 @@ def promote(run_id: str | None) -> None:
     tracking.connect(existing=True)
     if tracking.run_state(run_id) != "active":
         raise PipelineError(f"no run {run_id} in {tracking.tracking_uri()} (or it is deleted)")
-    version = mlflow.register_model(f"runs:/{run_id}/model", REGISTERED_MODEL)
-    mlflow.MlflowClient().set_registered_model_alias(REGISTERED_MODEL, ALIAS, version.version)
+    model = logged_model(run_id)
+    run = mlflow.get_run(run_id)
+    if TEST_ACCURACY not in run.data.metrics:
+        raise PipelineError(
+            f"run {run_id} has no test accuracy (evaluate did not finish in it); promote an evaluated run, "
+            "or finish this one with `dvc repro`"
+        )
+    version = mlflow.register_model(model.model_uri, REGISTERED_MODEL, tags=version_tags(run))
+    client = mlflow.MlflowClient()
+    client.update_model_version(REGISTERED_MODEL, version.version, description=version_description(run))
+    client.set_registered_model_alias(REGISTERED_MODEL, ALIAS, version.version)
     print(
         f"promote: run {run_id} is {REGISTERED_MODEL} version {version.version}, alias @{ALIAS}; "
         f"serve it with `make serve MODEL=models:/{REGISTERED_MODEL}@{ALIAS}`",
         file=sys.stderr,
+    )
+
+
+def version_tags(run: "mlflow.entities.Run") -> dict[str, str]:
+    """What a model version carries from its run: commit, data, and the numeric environment that made
+    its weights (`make reproduce RUN=` checks against it)."""
+    keep = ("git.commit", "git.dirty", "data.hash", "config.hash", "model.name", numerics.TAG_PREFIX)
+    tags = {key: value for key, value in run.data.tags.items() if key.startswith(keep)}
+    return {**tags, "test_accuracy": f"{run.data.metrics[TEST_ACCURACY]:.4f}"}
+
+
+def version_description(run: "mlflow.entities.Run") -> str:
+    """Markdown the model version page shows: test accuracy, the run (a link inside the UI), what it was trained on."""
+    metrics, params, tags = run.data.metrics, run.data.params, run.data.tags
+    return (
+        f"Test accuracy **{metrics[TEST_ACCURACY]:.2%}** ({metrics[TEST_ACCURACY]}) on "
+        f"{'the official 10,000 test images' if params.get('data.limit') in (None, 'None') else 'a subset'}, "
+        f"from run [{run.info.run_name}](#/experiments/{run.info.experiment_id}/runs/{run.info.run_id}) "
+        f"(`{run.info.run_id}`).\n\n"
+        f"Commit `{tags.get('git.commit', 'unknown')}`"
+        f"{' with uncommitted changes' if tags.get('git.dirty') != 'false' else ''}, "
+        f"data hash `{tags.get('data.hash', 'unknown')}`; the numeric environment is in the tags `numerics.*`."
     )
 
 

@@ -252,14 +252,142 @@ def experiment_id() -> str:
             f"mlflow experiments restore --experiment-id {experiment.experiment_id}`, or in the UI), or track into "
             "another experiment with MLFLOW_EXPERIMENT_NAME=<name>"
         )
-    if experiment is not None:
-        return experiment.experiment_id
-    # A local store keeps artifacts beside mlflow.db; a server chooses (and proxies) its own.
-    location = None if is_server(tracking_uri()) else (project_root() / "mlartifacts").as_uri()
+    if experiment is None:
+        # A local store keeps artifacts beside mlflow.db; a server chooses (and proxies) its own.
+        location = None if is_server(tracking_uri()) else (project_root() / "mlartifacts").as_uri()
+        try:
+            mlflow.create_experiment(name, artifact_location=location, tags=ui_tags())
+        except MlflowException:  # a concurrent queue worker created it first
+            pass
+        experiment = mlflow.get_experiment_by_name(name)
+    return experiment.experiment_id
+
+
+def tag_for_the_ui(experiment: str) -> None:
+    """Gives the experiment ui_tags when it lacks them or conf/experiment/ changed the view: a store made
+    before them too. Trainings call it (they may edit the experiment); readers (compare, serve) never write."""
+    import mlflow
+
+    held = mlflow.get_experiment(experiment).tags
+    for key, value in ui_tags().items():
+        if key == VIEW_TAG and same_view(held.get(key), value):
+            continue  # written before, with another time
+        if held.get(key) != value:
+            mlflow.MlflowClient().set_experiment_tag(experiment, key, value)
+
+
+def same_view(held: str | None, wanted: str) -> bool:
+    import json
+
     try:
-        return mlflow.create_experiment(name, artifact_location=location)
-    except MlflowException:  # a concurrent queue worker created it first
-        return mlflow.get_experiment_by_name(name).experiment_id
+        return json.loads(held)["state"] == json.loads(wanted)["state"]
+    except (TypeError, ValueError, KeyError):
+        return False
+
+
+# MLflow 3's UI opens an experiment on the page its `mlflow.experimentKind` tag names: without it, it
+# guesses, and a store with no traces gets the GenAI overview. custom_model_development is its kind for
+# model training, opened on the runs table (ExperimentKind in mlflow/server/js: the experiment page's tabs).
+EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
+# The UI's saved views are experiment tags `mlflow.sharedViewState.<id>` holding the runs page's state as
+# JSON (its Share button writes them; #/experiments/<id>/runs?viewStateShareKey=<id> opens one): which
+# columns the table shows, its order, and the chart cards. The only place MLflow lets a project choose them.
+VIEW_ID = "training-runs"
+VIEW_TAG = f"mlflow.sharedViewState.{VIEW_ID}"
+TEST_ACCURACY = "test_accuracy"
+# Training and validation of one metric on one chart: the UI draws one chart per metric name unless a
+# line card lists several (selectedMetricKeys).
+CURVES = {"accuracy": ("accuracy", "val_accuracy"), "loss": ("loss", "val_loss")}
+# Metrics the view keeps off the charts (they stay in the table's column picker and on each run's
+# page): without a card that names them, the UI adds one chart per metric, 13 here.
+UNCHARTED = (
+    "val_accuracy",
+    "val_loss",
+    "epoch_seconds",
+    "samples_per_second",
+    "test_loss",
+    "precision_macro",
+    "recall_macro",
+    "f1_macro",
+    "roc_auc_ovr",
+)
+
+
+def varied_params() -> list[str]:
+    """The params the presets of conf/experiment/ change (a preset's model swap is model.name), the
+    data subset and the seed: the columns that tell this project's runs apart."""
+    import yaml
+
+    from pipeline.config import CONF_DIR
+
+    keys = {"model.name", "data.limit", "train.seed"}
+    for preset in sorted((CONF_DIR / "experiment").glob("*.yaml")):
+        for section, values in (yaml.safe_load(preset.read_text(encoding="utf-8")) or {}).items():
+            if isinstance(values, dict):
+                keys.update(f"{section}.{key}" for key in values)
+    # The table shows its columns in this order and renders only those in the window's width: train's first.
+    return sorted(keys, key=lambda key: (["train", "model", "data"].index(key.partition(".")[0]), key))
+
+
+def runs_view() -> dict:
+    """The runs page's saved view: the table's columns and order, and the charts (see VIEW_TAG)."""
+    import json
+
+    params = varied_params()
+
+    def card(kind: str, uuid: str, **fields) -> dict:
+        return {"type": kind, "uuid": uuid, "metricSectionId": "results", "isGenerated": False, "deleted": False,
+                "runsCountToCompare": 10, **fields}  # fmt: skip
+
+    curves = [
+        card(
+            "LINE",
+            f"curve-{name}",
+            metricKey=keys[0],
+            selectedMetricKeys=list(keys),
+            xAxisKey="step",
+            useGlobalXaxisKey=False,
+            scaleType="linear",
+            xAxisScaleType="linear",
+            lineSmoothness=0,
+            useGlobalLineSmoothing=False,
+            range={},
+        )
+        for name, keys in CURVES.items()  # MLflow titles such a card "accuracy vs val_accuracy"
+    ]
+    charts = [
+        card("BAR", "test-accuracy", displayName="test accuracy", metricKey=TEST_ACCURACY),
+        card(
+            "PARALLEL",
+            "params-to-accuracy",
+            displayName="parameters and test accuracy",
+            selectedParams=[key for key in params if key not in ("model.name", "data.limit")],
+            selectedMetrics=[TEST_ACCURACY],
+            showAllRuns=True,
+        ),
+        *curves,
+        card("BAR", "fit-seconds", displayName="fit time (s)", metricKey="fit_seconds"),
+        *(card("BAR", f"off-{key}", metricKey=key, deleted=True) for key in UNCHARTED),
+    ]
+    state = {
+        "orderByKey": f"metrics.`{TEST_ACCURACY}`",
+        "orderByAsc": False,
+        "selectedColumns": [f"metrics.`{TEST_ACCURACY}`", *(f"params.`{key}`" for key in params)],
+        "compareRunCharts": charts,
+        "compareRunSections": [
+            {"uuid": "results", "name": "Results", "display": True, "isReordered": True, "deleted": False}
+        ],
+        "isAccordionReordered": True,
+        "hideEmptyCharts": True,
+    }
+    now = int(time.time() * 1000)  # the UI lists saved views with their times (milliseconds)
+    return {"name": "Training runs", "createdAt": now, "updatedAt": now, "state": json.dumps(state)}
+
+
+def ui_tags() -> dict[str, str]:
+    import json
+
+    return {**EXPERIMENT_KIND, VIEW_TAG: json.dumps(runs_view(), sort_keys=True)}
 
 
 def git(*arguments: str, check: bool = False) -> str:
@@ -374,6 +502,7 @@ def training_run(
     with store_faults():
         connect()
         experiment = experiment_id()
+        tag_for_the_ui(experiment)
         # Short runs need frequent samples to show anything; the sampler thread costs ~nothing.
         mlflow.set_system_metrics_sampling_interval(1)
         mlflow.set_system_metrics_samples_before_logging(1)
@@ -518,12 +647,17 @@ def runs_url(host: str, port: int) -> str:
                 f"port (another `make ui`?) or choose another: `make ui PORT={port + 1}`"
             ) from None
     connect()
-    # MLflow 3 opens an experiment on its GenAI overview; #/experiments/<id>/runs is the runs table,
-    # here sorted by test accuracy, best first (the URL carries the sort; columns are chosen in the UI).
-    return (
-        f"Training runs: http://{host}:{port}/#/experiments/{experiment_id()}/runs"
-        "?orderByKey=metrics.%60test_accuracy%60&orderByAsc=false"
-    )
+    return f"Training runs: http://{host}:{port}/{runs_path(experiment_id())}"
+
+
+def runs_path(experiment: str) -> str:
+    """The runs page in the project's saved view (runs_view): best test accuracy first, the params that vary.
+
+    workflowType: MLflow 3.17's sidebar follows a per-browser toggle (GenAI or Model training, kept in
+    the browser's storage, GenAI unless switched) that the experiment's kind does not override; the
+    URL's parameter does, for this page.
+    """
+    return f"#/experiments/{experiment}/runs?viewStateShareKey={VIEW_ID}&workflowType=machine_learning"
 
 
 # What `mlflow ui` says that is no error: each worker's warning that a Starlette module MLflow imports is

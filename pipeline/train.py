@@ -4,7 +4,9 @@ Deterministic on CPU: the same config, seed, data, code and environment give bit
 (`set_random_seed` alone is not enough; op determinism is needed too).
 """
 
+import contextlib
 import hashlib
+import io
 import math
 import os
 import shutil
@@ -28,7 +30,19 @@ with tensorflow_import_notices_hidden():
     import tensorflow as tf
 
 from pipeline import numerics, tracking  # noqa: E402
-from pipeline.config import CnnConfig, DataConfig, MlpConfig, TrainConfig, config_hash, run_stage, training_params
+from pipeline.config import (
+    CONF_DIR,
+    SETTINGS,
+    CnnConfig,
+    DataConfig,
+    MlpConfig,
+    TrainConfig,
+    compose,
+    config_hash,
+    run_stage,
+    training_params,
+    validate,
+)
 from pipeline.data_io import (
     CURVES_FILE,
     HISTORY_FILE,
@@ -169,8 +183,14 @@ class EpochLogger(keras.callbacks.Callback):
 
     def on_epoch_end(self, epoch, logs=None):
         seconds = time.perf_counter() - self.started
+        # Step = the epoch's number, 1..N, as the curves' PNG counts them (Keras counts from 0).
         mlflow.log_metrics(
-            {**logs, "epoch_seconds": seconds, "samples_per_second": self.samples_per_epoch / seconds}, step=epoch
+            {
+                **{key: as_float32_decimal(value) for key, value in logs.items()},
+                "epoch_seconds": seconds,
+                "samples_per_second": self.samples_per_epoch / seconds,
+            },
+            step=epoch + 1,
         )
 
 
@@ -202,6 +222,12 @@ def gpu_memory_logger() -> list[keras.callbacks.Callback]:
     """A DeviceMemoryLogger over every GPU TensorFlow sees; none without one (the gpu.metrics tags say why)."""
     gpus = tf.config.list_physical_devices("GPU")
     return [DeviceMemoryLogger([f"GPU:{index}" for index in range(len(gpus))])] if gpus else []
+
+
+def as_float32_decimal(value: float) -> float:
+    """Keras's float32 metric as the shortest decimal that is the same float32 (0.9756, not the float64
+    0.975600004196167 that widening it gives): the same value, as it reads in the UI and the CSV."""
+    return float(str(np.float32(value)))
 
 
 def distribution_strategy(config: TrainConfig) -> tf.distribute.Strategy:
@@ -440,13 +466,19 @@ def save_and_log_model(model: keras.Model, tags: dict[str, str], staged: StagedO
     with atomic_path(staged / MODEL_FILE) as temporary:
         model.save(temporary)
     write_json(staged / numerics.NUMERICS_FILE, numerics.from_tags(tags))
-    # Explicit requirements: inferring them costs seconds and adds nothing here.
-    mlflow.keras.log_model(
-        model,
-        name="model",
-        signature=SIGNATURE,
-        pip_requirements=[f"tensorflow=={tf.__version__}", f"keras=={keras.__version__}"],
-    )
+    # Explicit requirements: inferring them costs seconds and adds nothing here. Exported (Keras's
+    # model.export, a SavedModel whose `serve` is the inference function): MLflow's pyfunc then calls
+    # `serve`, where it would call `predict` with Keras's default verbosity, a progress bar per request in
+    # any model server (KerasModelWrapper in mlflow/keras/load.py has no way to pass verbose=0). The
+    # export's endpoint listing goes to a buffer: the model's signature says the same.
+    with contextlib.redirect_stdout(io.StringIO()):
+        mlflow.keras.log_model(
+            model,
+            name="model",
+            signature=SIGNATURE,
+            save_exported_model=True,
+            pip_requirements=[f"tensorflow=={tf.__version__}", f"keras=={keras.__version__}"],
+        )
 
 
 def describe_run(
@@ -480,12 +512,37 @@ def describe_run(
     ):
         if os.environ.get(variable):
             tags[tag] = os.environ[variable]
-    # A DVC experiment's name (`make sweep` names them `lr_x10-seed0`) is the readable choice.
-    run_name = os.environ.get("DVC_EXP_NAME") or (
-        f"{model_config.name}-lr{train_config.learning_rate:g}-bs{train_config.batch_size}"
-        f"-ep{train_config.epochs}-seed{train_config.seed}"
+    return run_name(params), tags
+
+
+def run_name(params: dict) -> str:
+    """`<setting>[-<key>=<value>...]-seed<n>`: the preset of conf/experiment/ this config is closest to,
+    the values where it differs from that preset's composition of the committed conf/ (data.limit
+    included), and the seed. `make sweep`'s `lr_x10-seed0` is its DVC experiment's name too; a plain
+    `dvc exp run -S train.epochs=3` is `default-epochs=3-seed0`, its DVC name in the tag dvc.exp_name.
+    """
+    differences = {}
+    for setting in SETTINGS:
+        if (CONF_DIR / "experiment" / f"{setting}.yaml").exists():
+            preset = training_params(validate(compose([f"+experiment={setting}"])))
+            differences[setting] = [
+                key
+                for key in sorted(set(params) | set(preset))
+                if key != "train.seed" and params.get(key) != preset.get(key)
+            ]
+    setting = min(differences, key=lambda name: len(differences[name]))  # the first of SETTINGS on a tie
+    changed = "".join(
+        f"-{key.rpartition('.')[2]}={name_value(params.get(key))}" for key in differences[setting] if key in params
     )
-    return run_name, tags
+    return f"{setting}{changed}-seed{params['train.seed']}"
+
+
+def name_value(value) -> str:
+    if isinstance(value, float):
+        return f"{value:g}"
+    if isinstance(value, list | tuple):
+        return ",".join(map(name_value, value))
+    return str(value).lower() if value is None or isinstance(value, bool) else str(value)
 
 
 def code_fingerprint() -> str:
@@ -499,8 +556,8 @@ def write_history(run_id: str, history_file: Path, curves_file: Path) -> None:
     table = (
         pd.DataFrame(
             {
-                # A re-done epoch is logged twice with the same values: keep one point per step.
-                metric: {point.step + 1: point.value for point in client.get_metric_history(run_id, metric)}
+                # A re-done epoch is logged twice with the same values: keep one point per step (= epoch).
+                metric: {point.step: point.value for point in client.get_metric_history(run_id, metric)}
                 for metric in ("loss", "accuracy", "val_loss", "val_accuracy")
             }
         )

@@ -207,16 +207,18 @@ def run_stage_process(project: Path, env: dict, name: str, **extra: str) -> tupl
     return result, time.monotonic() - started
 
 
-def served_classes(project: Path, env: dict, count: int, **variables: str) -> np.ndarray:
-    """`make serve` on a free loopback port; the classes it answers for the first `count` test images."""
+def served_classes(project: Path, env: dict, count: int, log: Path | None = None, **variables: str) -> np.ndarray:
+    """`make serve` on a free loopback port; the classes it answers for the first `count` test images.
+    log: a file that receives the server's output."""
     port = free_port()
     settings = [f"{key}={value}" for key, value in variables.items()]
+    output = log.open("w") if log else subprocess.DEVNULL
     server = subprocess.Popen(
         ["make", "--no-print-directory", "serve", f"PORT={port}", *settings],
         cwd=project,
         env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
+        stdout=output,
+        stderr=subprocess.STDOUT if log else subprocess.DEVNULL,
         start_new_session=True,
     )
     try:
@@ -232,6 +234,8 @@ def served_classes(project: Path, env: dict, count: int, **variables: str) -> np
             return np.asarray(json.load(response)["predictions"]).argmax(axis=1)
     finally:
         stop(server)
+        if log:
+            output.close()
 
 
 def render(url: str, screenshot: Path, height: int = 1400) -> str:
@@ -248,6 +252,7 @@ def render(url: str, screenshot: Path, height: int = 1400) -> str:
         f"--user-data-dir={screenshot.parent / 'chromium-profile'}",
         f"--window-size=1600,{height}",
         "--virtual-time-budget=20000",
+        "--run-all-compositor-stages-before-draw",  # else charts are still spinners in the screenshot
     ]
     subprocess.run([CHROMIUM, *flags, f"--screenshot={screenshot}", url], capture_output=True, timeout=120)
     return subprocess.run([CHROMIUM, *flags, "--dump-dom", url], capture_output=True, text=True, timeout=120).stdout

@@ -210,8 +210,11 @@ def test_make_ui_link_opens_the_runs_table_sorted_by_test_accuracy(tmp_path, mni
     )
     assert result.stdout.strip() == (
         f"Training runs: http://127.0.0.1:{port}/#/experiments/1/runs"
-        "?orderByKey=metrics.%60test_accuracy%60&orderByAsc=false"
+        "?viewStateShareKey=training-runs&workflowType=machine_learning"
     )
+    # The view the link names exists before any training (the experiment is created with it).
+    mlflow.set_tracking_uri(f"sqlite:///{project / 'mlflow.db'}")
+    assert "mlflow.sharedViewState.training-runs" in mlflow.get_experiment("1").tags
 
 
 def test_mlflow_sends_no_usage_events_unless_asked(tmp_path):

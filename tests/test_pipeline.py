@@ -94,7 +94,7 @@ def test_mlflow_run_is_complete(pipeline_run, tracked_run):
 
     client = mlflow.MlflowClient()
     for metric in ("loss", "accuracy", "val_loss", "val_accuracy", "epoch_seconds", "samples_per_second"):
-        assert [point.step for point in client.get_metric_history(run_id, metric)] == [0]
+        assert [point.step for point in client.get_metric_history(run_id, metric)] == [1]  # epoch 1 of 1
 
     tags = tracked_run.data.tags
     assert tags["git.commit"] == git(project, "rev-parse", "HEAD")
@@ -148,3 +148,38 @@ def test_second_repro_does_no_work(trained_copy):
     assert "Running stage" not in again.stdout
     mlflow.set_tracking_uri(f"sqlite:///{project / 'mlflow.db'}")
     assert len(mlflow.search_runs(experiment_names=["mnist"], output_format="list")) == 1
+
+
+def test_the_ui_opens_on_training_runs_that_read_well(pipeline_run, tracked_run):
+    """What MLflow's UI shows, checked through its API: the experiment's kind and saved view, the run's
+    name, epochs as steps 1..N, Keras's float32 values as their own decimals."""
+    project, _, _ = pipeline_run
+    experiment = mlflow.get_experiment(tracked_run.info.experiment_id)
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
+    view = json.loads(experiment.tags["mlflow.sharedViewState.training-runs"])
+    state = json.loads(view["state"])
+    assert view["name"] == "Training runs"
+    assert (state["orderByKey"], state["orderByAsc"]) == ("metrics.`test_accuracy`", False)
+    assert state["selectedColumns"][0] == "metrics.`test_accuracy`"
+    assert {"params.`data.limit`", "params.`train.learning_rate`", "params.`train.seed`"} <= set(
+        state["selectedColumns"]
+    )
+    shown = [chart for chart in state["compareRunCharts"] if not chart["deleted"]]
+    assert {tuple(chart.get("selectedMetricKeys", ())) for chart in shown} >= {
+        ("accuracy", "val_accuracy"),
+        ("loss", "val_loss"),
+    }
+    # Every model metric has a card, so the UI adds none of its own: the shown ones are all there is.
+    charted = {chart.get("metricKey") for chart in state["compareRunCharts"]}
+    assert {key for key in tracked_run.data.metrics if not key.startswith("system/")} <= charted
+    assert len(shown) <= 6
+
+    # The tiny config differs from conf/ in data.limit and train.epochs (TINY).
+    assert tracked_run.info.run_name == "default-limit=300-epochs=1-seed0"
+
+    history = pd.read_csv(project / "reports/training_history.csv")
+    assert list(history.epoch) == [1]
+    for metric in ("accuracy", "val_accuracy", "loss", "val_loss"):
+        value = tracked_run.data.metrics[metric]
+        assert value == float(str(np.float32(value))), f"{metric} {value!r} is not its float32's shortest decimal"
+        assert history[metric].iloc[-1] == value

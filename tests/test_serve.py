@@ -25,15 +25,25 @@ def trained(trained_copy):
     return copy, env, tracked
 
 
-def test_served_and_promoted_model_answers_like_the_pipeline(trained):
+def test_served_and_promoted_model_answers_like_the_pipeline(trained, tmp_path):
     project, env, tracked = trained
     pipeline_classes = np.load(project / "data/predictions/test_probabilities.npy")[:20].argmax(axis=1)
-    assert list(served_classes(project, env, 20)) == list(pipeline_classes)  # the latest run
+    log = tmp_path / "serve.log"
+    assert list(served_classes(project, env, 20, log=log)) == list(pipeline_classes)  # the latest run
+    assert "━" not in log.read_text() and "/step" not in log.read_text(), "a Keras progress bar per request"
 
     promoted = run(project, [*MAKE, "promote", f"RUN={tracked.info.run_id}"], env)
     assert "mnist-classifier version 1, alias @champion" in promoted.stderr
+    assert "WARNING" not in promoted.stderr and "has no artifacts" not in promoted.stderr, promoted.stderr
     version = mlflow.MlflowClient().get_model_version_by_alias("mnist-classifier", "champion")
     assert version.run_id == tracked.info.run_id
+    # The version carries its evidence: accuracy and a link to its run, commit, data, numeric environment.
+    accuracy = tracked.data.metrics["test_accuracy"]
+    assert f"Test accuracy **{accuracy:.2%}**" in version.description
+    assert f"(#/experiments/{tracked.info.experiment_id}/runs/{tracked.info.run_id})" in version.description
+    for key in ("git.commit", "data.hash", "numerics.onednn", "numerics.tensorflow.version"):
+        assert version.tags[key] == tracked.data.tags[key]
+    assert version.tags["test_accuracy"] == f"{accuracy:.4f}"
     by_alias = served_classes(project, env, 20, MODEL="models:/mnist-classifier@champion")
     assert list(by_alias) == list(pipeline_classes)
 

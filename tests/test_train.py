@@ -2,9 +2,11 @@
 
 import keras
 import numpy as np
+import pytest
 import tensorflow as tf
 
-from pipeline.train import fused_adam, with_fused_batch_normalization
+from pipeline.config import compose, training_params, validate
+from pipeline.train import as_float32_decimal, fused_adam, run_name, with_fused_batch_normalization
 
 
 def after_adam_steps(optimizer: keras.optimizers.Adam) -> list[np.ndarray]:
@@ -82,3 +84,25 @@ def test_a_model_with_it_saves_plain_batch_normalization(tmp_path):
     loaded = keras.models.load_model(tmp_path / "model.keras", safe_mode=True)
     assert "call" in vars(model.layers[0]) and "call" not in vars(loaded.layers[0])
     np.testing.assert_array_equal(loaded.predict(images, verbose=0), model.predict(images, verbose=0))
+
+
+@pytest.mark.parametrize(
+    ("overrides", "name"),
+    [
+        ([], "default-seed0"),
+        (["+experiment=lr_x10", "train.seed=2"], "lr_x10-seed2"),
+        (["data.limit=1000"], "default-limit=1000-seed0"),
+        (["+experiment=cnn", "train.epochs=3"], "cnn-epochs=3-seed0"),
+        # The closest preset: tuned differs in the learning rate alone, the default also in the batch size.
+        (["train.learning_rate=0.002", "train.batch_size=32"], "tuned-learning_rate=0.002-seed0"),
+    ],
+)
+def test_run_names_say_the_setting_what_differs_and_the_seed(overrides, name):
+    """As `dvc exp run -S ...` composes conf/: the run's name whatever DVC called the experiment."""
+    assert run_name(training_params(validate(compose(overrides)))) == name
+
+
+@pytest.mark.parametrize("value", [0.9756, 0.1, 1 / 3, 0.975600004196167])
+def test_keras_float32_metrics_are_logged_as_their_shortest_decimal(value):
+    logged = as_float32_decimal(float(np.float32(value)))  # what Keras hands over: a float32 widened
+    assert np.float32(logged) == np.float32(value) and repr(logged) == str(np.float32(value))
