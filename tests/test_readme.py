@@ -32,6 +32,8 @@ DOC_PAGES = (
     "reproducibility.md",
     "development.md",
     "warm.md",
+    "ui.md",
+    "comparison.md",
     "mistakes.md",
 )
 README_LINES, README_WIDTH = 250, 120
