@@ -1,6 +1,7 @@
 """First contact: each command a new user types does what it says, or fails in one line that says why."""
 
 import json
+import re
 import socket
 import subprocess
 import sys
@@ -162,7 +163,8 @@ def test_make_ui_prints_its_link_when_the_ui_answers_and_nothing_else(tmp_path, 
         time.sleep(2)
     finally:
         stop(server)
-    rest = [line for line in server.stdout.read().splitlines() if not line.startswith("make: ***")]  # make: killed
+    # make's own line about the stopped recipe ("make: ***", or "make[1]: ***" under `make test`).
+    rest = [line for line in server.stdout.read().splitlines() if not re.match(r"make(\[\d+\])?: \*\*\*", line)]
     assert first.startswith(f"Training runs: http://127.0.0.1:{port}/#/experiments/1/runs"), first
     assert rest == [], rest
 

@@ -62,14 +62,19 @@ def kill_training_after_first_epoch(project, env, signal_number) -> None:
     while not list(project.glob(".train-checkpoints/*/last-epoch.npz")):
         assert pipeline.poll() is None and time.monotonic() < deadline, "training ended before its first epoch did"
         time.sleep(0.05)
-    # DVC runs the stage through $SHELL, which may or may not exec python: signal the innermost process.
-    matching = [
+
+    # DVC runs the stage through $SHELL, which may or may not exec python: signal the python process
+    # itself, not a child it forked for a moment (that child has the same command line).
+    def is_training(process: psutil.Process) -> bool:
+        try:
+            return process.cmdline()[1:3] == ["-m", "pipeline.train"]
+        except psutil.Error:
+            return False
+
+    [training] = [
         child
         for child in psutil.Process(pipeline.pid).children(recursive=True)
-        if "pipeline.train" in " ".join(child.cmdline())
-    ]
-    [training] = [
-        process for process in matching if not any(child in matching for child in process.children(recursive=True))
+        if is_training(child) and not is_training(child.parent())
     ]
     training.send_signal(signal_number)
     assert pipeline.wait(timeout=120) != 0
