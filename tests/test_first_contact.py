@@ -178,9 +178,9 @@ def test_compare_never_replaces_the_committed_table_with_a_poorer_one(tmp_path, 
     result = run(project, [sys.executable, "-m", "commands.compare"], environment(mnist_url), check=False)
     assert result.returncode == 1
     [line] = error_lines(result.stderr)
-    assert "holds fewer runs than reports/comparison.csv for default (0 of 3 runs)" in line
-    tabulated = " ".join(pd.read_csv(project / "reports/comparison.csv").setting)  # the committed table's settings
-    assert f'`make sweep SETTINGS="{tabulated}" SEEDS=3`' in line
+    committed = pd.read_csv(project / "reports/comparison.csv").set_index("setting").n  # runs per setting
+    assert f"holds fewer runs than reports/comparison.csv for default (0 of {committed['default']} runs)" in line
+    assert f'`make sweep SETTINGS="{" ".join(committed.index)}" SEEDS={committed.max()}`' in line
     assert "`make compare FORCE=1`" in line
     assert {path: path.read_bytes() for path in kept} == before
 
