@@ -3,6 +3,10 @@ SHELL := /bin/bash
 PYTHON ?= python3
 VENV := .venv
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
+# The install compiles no bytecode ($(INSTALLED) says why): Python writes it as the pipeline first
+# imports each module, also where an image sets PYTHONDONTWRITEBYTECODE, which would otherwise have every
+# stage's process compile TensorFlow's modules anew.
+unexport PYTHONDONTWRITEBYTECODE
 # Without a GPU, TensorFlow's CPU build (requirements.lock); with an NVIDIA GPU (nvidia-smi lists one,
 # or GPU=1), its CUDA build, CUDA libraries and NVML (requirements-gpu.lock). GPU=0 forces the CPU lock.
 GPU ?= $(shell nvidia-smi --list-gpus >/dev/null 2>&1 && echo 1 || echo 0)
@@ -180,20 +184,27 @@ lock:
 # dropped a package, or the other TensorFlow build (both install the module `tensorflow`), would
 # leave it behind. A changed runtime lock, or another one (the stamp names the venv's: GPU=1 after a
 # CPU install), therefore rebuilds the venv from scratch.
-# No --quiet: pip shows each package as it is downloaded and installed. Bytecode is compiled here, as
-# pip does by default: where PYTHONDONTWRITEBYTECODE is set (as in many container images), Python
-# would otherwise compile TensorFlow's modules anew in every stage's process.
+# No --quiet: pip shows each package as it is downloaded and installed. The venv is then trimmed of
+# what running never reads (docs/install.md, "Size"): TensorFlow's C++ headers (for compiling custom
+# ops) and the symbol tables of shared libraries (for debuggers; `strip` from binutils, skipped where it
+# is missing; vendored *.libs are left as auditwheel patched them). Bytecode is not compiled for every
+# module (--no-compile): Python writes it on first import, for the modules the pipeline imports only.
 $(INSTALLED): $(LOCK) $(if $(filter $(LOCK),$(shell cat $(INSTALLED) 2>/dev/null)),,another-lock)
 	rm -rf $(VENV)
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install --quiet --upgrade pip
 	@echo "installing .venv from $(LOCK)"
-	$(VENV)/bin/pip install -r $(LOCK)
+	$(VENV)/bin/pip install --no-compile -r $(LOCK)
+	rm -rf $(VENV)/lib/python3*/site-packages/tensorflow/include
+	@if command -v strip >/dev/null; then echo "stripping symbol tables from .venv's shared libraries"; \
+		find $(VENV)/lib \( -name '*.so' -o -name '*.so.[0-9]*' \) -type f -not -path '*.libs/*' \
+			-exec strip --strip-unneeded {} +; \
+	else echo "strip (binutils) not found: .venv keeps its shared libraries' symbol tables (0.4 GB more)"; fi
 	echo $(LOCK) > $@
 
 $(DEV_INSTALLED): $(INSTALLED) requirements-dev.lock
 	@echo "adding requirements-dev.lock to .venv (tests, lint, docs)"
-	$(VENV)/bin/pip install -r $(LOCK) -r requirements-dev.lock
+	$(VENV)/bin/pip install --no-compile -r $(LOCK) -r requirements-dev.lock
 	touch $@
 
 another-lock:

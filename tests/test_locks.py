@@ -49,7 +49,7 @@ def make_dry_run(tmp_path, nvidia_smi: str | None, *arguments: str) -> list[str]
 def test_make_picks_the_gpu_lock_when_a_gpu_is_listed(tmp_path, nvidia_smi, variables, lock):
     # -B: as if nothing were installed, so that the install recipe is printed; -n runs nothing.
     commands = make_dry_run(tmp_path, nvidia_smi, "-B", ".venv/.installed", *variables)
-    assert f".venv/bin/pip install -r {lock}" in commands
+    assert f".venv/bin/pip install --no-compile -r {lock}" in commands
     assert "rm -rf .venv" in commands  # one lock per venv: never the other build on top of the first
 
 
@@ -57,7 +57,7 @@ def test_make_picks_the_gpu_lock_when_a_gpu_is_listed(tmp_path, nvidia_smi, vari
 def test_the_test_targets_add_the_dev_lock_and_run_does_not(tmp_path, target):
     # -o: the runtime install counts as done; -W: as if the dev lock had changed since it was added.
     variables = ["-o", ".venv/.installed", "-W", "requirements-dev.lock", "GPU=0"]
-    assert ".venv/bin/pip install -r requirements.lock -r requirements-dev.lock" in make_dry_run(
+    assert ".venv/bin/pip install --no-compile -r requirements.lock -r requirements-dev.lock" in make_dry_run(
         tmp_path, None, *variables, target
     )
     assert not [line for line in make_dry_run(tmp_path, None, *variables, "run") if "pip install" in line]
