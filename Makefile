@@ -184,7 +184,8 @@ lock:
 # dropped a package, or the other TensorFlow build (both install the module `tensorflow`), would
 # leave it behind. A changed runtime lock, or another one (the stamp names the venv's: GPU=1 after a
 # CPU install), therefore rebuilds the venv from scratch.
-# No --quiet: pip shows each package as it is downloaded and installed. The venv is then trimmed of
+# No --quiet: pip shows each package as it is downloaded and installed. --no-deps: the lock is the whole
+# install, less what tools/lock.py leaves out as never imported (NEVER_IMPORTED). The venv is then trimmed of
 # what running never reads (docs/install.md, "Size"): TensorFlow's C++ headers (for compiling custom
 # ops) and the symbol tables of shared libraries (for debuggers; `strip` from binutils, skipped where it
 # is missing; vendored *.libs are left as auditwheel patched them). Bytecode is not compiled for every
@@ -194,7 +195,7 @@ $(INSTALLED): $(LOCK) $(if $(filter $(LOCK),$(shell cat $(INSTALLED) 2>/dev/null
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install --quiet --upgrade pip
 	@echo "installing .venv from $(LOCK)"
-	$(VENV)/bin/pip install --no-compile -r $(LOCK)
+	$(VENV)/bin/pip install --no-compile --no-deps -r $(LOCK)
 	rm -rf $(VENV)/lib/python3*/site-packages/tensorflow/include
 	@if command -v strip >/dev/null; then echo "stripping symbol tables from .venv's shared libraries"; \
 		find $(VENV)/lib \( -name '*.so' -o -name '*.so.[0-9]*' \) -type f -not -path '*.libs/*' \
@@ -204,7 +205,7 @@ $(INSTALLED): $(LOCK) $(if $(filter $(LOCK),$(shell cat $(INSTALLED) 2>/dev/null
 
 $(DEV_INSTALLED): $(INSTALLED) requirements-dev.lock
 	@echo "adding requirements-dev.lock to .venv (tests, lint, docs)"
-	$(VENV)/bin/pip install --no-compile -r $(LOCK) -r requirements-dev.lock
+	$(VENV)/bin/pip install --no-compile --no-deps -r $(LOCK) -r requirements-dev.lock
 	touch $@
 
 another-lock:

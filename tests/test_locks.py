@@ -11,6 +11,7 @@ import sys
 import pytest
 
 from tests.helpers import REPO, run
+from tools.lock import NEVER_IMPORTED, PACKAGING_TOOLS
 
 NVIDIA_SMI = "#!/bin/sh\necho 'GPU 0: NVIDIA H100 80GB HBM3 (UUID: GPU-00000000-0000-0000-0000-000000000000)'\n"
 # Only tests, lint and docs import these: none may be in what `make run` installs.
@@ -49,7 +50,7 @@ def make_dry_run(tmp_path, nvidia_smi: str | None, *arguments: str) -> list[str]
 def test_make_picks_the_gpu_lock_when_a_gpu_is_listed(tmp_path, nvidia_smi, variables, lock):
     # -B: as if nothing were installed, so that the install recipe is printed; -n runs nothing.
     commands = make_dry_run(tmp_path, nvidia_smi, "-B", ".venv/.installed", *variables)
-    assert f".venv/bin/pip install --no-compile -r {lock}" in commands
+    assert f".venv/bin/pip install --no-compile --no-deps -r {lock}" in commands
     assert "rm -rf .venv" in commands  # one lock per venv: never the other build on top of the first
 
 
@@ -57,7 +58,7 @@ def test_make_picks_the_gpu_lock_when_a_gpu_is_listed(tmp_path, nvidia_smi, vari
 def test_the_test_targets_add_the_dev_lock_and_run_does_not(tmp_path, target):
     # -o: the runtime install counts as done; -W: as if the dev lock had changed since it was added.
     variables = ["-o", ".venv/.installed", "-W", "requirements-dev.lock", "GPU=0"]
-    assert ".venv/bin/pip install --no-compile -r requirements.lock -r requirements-dev.lock" in make_dry_run(
+    assert ".venv/bin/pip install --no-compile --no-deps -r requirements.lock -r requirements-dev.lock" in make_dry_run(
         tmp_path, None, *variables, target
     )
     assert not [line for line in make_dry_run(tmp_path, None, *variables, "run") if "pip install" in line]
@@ -98,7 +99,7 @@ def test_the_locks_resolve_against_the_package_index(tmp_path, locks):
         re.sub(r"[-_.]+", "-", item["metadata"]["name"]).lower() for item in json.loads(report.read_text())["install"]
     }
     expected = {name for lock in locks for name in pins(lock)}
-    assert expected <= resolved and resolved - expected <= {"pip", "setuptools", "wheel"}
+    assert expected <= resolved and resolved - expected <= PACKAGING_TOOLS | NEVER_IMPORTED
 
 
 def test_make_reproduce_names_a_tensorflow_build_difference():

@@ -29,6 +29,10 @@ CPU_LOCK, GPU_LOCK, DEV_LOCK = Path("requirements.lock"), Path("requirements-gpu
 # The venv's own tools: `python -m venv` and `pip install --upgrade pip` provide them, and pip freeze
 # (which wrote the locks before) leaves them out.
 PACKAGING_TOOLS = {"pip", "setuptools", "wheel"}
+# Required by a package's metadata but never imported by anything the project runs, so left out of the
+# locks (`make` installs them with --no-deps; `pip check` names what is missing). TensorFlow's setup.py
+# lists libclang (62 MB: Python bindings to Clang) for tools of its own build; its runtime imports no `clang`.
+NEVER_IMPORTED = {"libclang"}
 HEADER = {
     CPU_LOCK: "# What running the pipeline needs, with TensorFlow's CPU build: `make run` installs it (no GPU listed).",
     GPU_LOCK: (
@@ -68,7 +72,7 @@ def resolve(requirements: list[str], constraints: list[str]) -> dict[str, str]:
         canonical(item["metadata"]["name"]): f"{item['metadata']['name']}=={item['metadata']['version']}"
         for item in resolved
     }
-    return {name: pin for name, pin in pins.items() if name not in PACKAGING_TOOLS}
+    return {name: pin for name, pin in pins.items() if name not in PACKAGING_TOOLS | NEVER_IMPORTED}
 
 
 def write_lock(lock: Path, pins: dict[str, str]) -> None:
