@@ -17,7 +17,7 @@ from hydra.errors import HydraException
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from pipeline import config
+from pipeline import config, runtime
 from pipeline.errors import PipelineError
 
 _load_configuration = ConfigLoaderImpl._load_configuration_impl
@@ -33,7 +33,14 @@ def _refusal(error: PipelineError) -> PipelineError:
 
 
 def load_configuration_checked(self, config_name, overrides, *arguments, **options):
-    """Hydra's composition of config_name with the overrides, then the schema's check of the result."""
+    """Hydra's composition of config_name with the overrides, then the schema's check of the result.
+    In DVC's process, first the checkout's claim: a workspace `dvc exp run -S` is refused while another
+    dvc run holds the checkout, before DVC writes params.yaml under it (pipeline/runtime.py)."""
+    if "dvc.exceptions" in sys.modules:
+        try:
+            runtime.claim_checkout_to_compose()
+        except PipelineError as error:
+            raise _refusal(error) from None
     try:
         composed = _load_configuration(self, config_name, overrides, *arguments, **options)
     except (HydraException, OmegaConfBaseException) as error:

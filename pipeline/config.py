@@ -30,6 +30,7 @@ from typing import Any
 from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from pipeline import runtime
 from pipeline.errors import PipelineError, guard
 
 PARAMS_FILE = Path("params.yaml")
@@ -505,6 +506,7 @@ def main() -> None:
         return
 
     def write() -> None:
+        runtime.claim_checkout_to_compose()  # not under a dvc run in progress
         write_params(arguments.overrides)
         with_overrides = f" with {' '.join(arguments.overrides)}" if arguments.overrides else ""
         print(f"wrote {PARAMS_FILE} from conf/{with_overrides}")

@@ -81,6 +81,8 @@ ONE_RUN_AT_A_TIME = (
     "`dvc queue start`) or `dvc exp run --temp`"
 )
 PARENT_POLL_SECONDS = 1.0  # how soon a stage notices that its dvc died
+# The claim is read and written in milliseconds: a longer wait means its holder is stopped (Ctrl-Z) or stuck.
+CLAIM_WAIT_SECONDS = 30
 
 
 def under_dvc(module: str) -> None:
@@ -122,6 +124,7 @@ def claim_checkout(dvc, composes_params: bool = False) -> None:
     """Records `dvc` as the process running stages in this checkout, with params.yaml's digest;
     refuses when another live dvc holds the checkout, or when params.yaml changed since `dvc`'s
     first stage that reads it (composes_params: the `params` stage, which writes it, records none).
+    With dvc None, only the refusal: nothing is recorded.
 
     DVC's own repository lock does not hold across a run: DVC releases it while a stage's command
     runs and for the whole of a workspace `dvc exp run` (unlocked_repo in dvc/stage/run.py and
@@ -130,15 +133,14 @@ def claim_checkout(dvc, composes_params: bool = False) -> None:
     `--temp` experiments run in copies of their own (.dvc/tmp/exps/...): this file is theirs alone.
     """
     import psutil
-    from filelock import FileLock
 
     from pipeline.errors import PipelineError
 
     CHECKOUT_RUN_FILE.parent.mkdir(parents=True, exist_ok=True)
-    ours = {"pid": dvc.pid, "started": dvc.create_time()}
-    with FileLock(f"{CHECKOUT_RUN_FILE}.lock"):
+    ours = {"pid": dvc.pid, "started": dvc.create_time()} if dvc else {}
+    with claim_lock():
         holder = checkout_run()
-        if holder and {key: holder.get(key) for key in ours} != ours:
+        if holder and (dvc is None or {key: holder.get(key) for key in ours} != ours):
             try:
                 other = psutil.Process(holder["pid"])
                 running = other.create_time() == holder["started"] and dvc_command(other)
@@ -150,12 +152,52 @@ def claim_checkout(dvc, composes_params: bool = False) -> None:
                     f"overwrite each other's params.yaml and outputs; wait for it to end: {ONE_RUN_AT_A_TIME}"
                 )
             holder = None
+        if dvc is None:
+            return
         if holder and holder.get("params") and (changed := params_changed()):
             raise PipelineError(changed)
         if not holder or not holder.get("params"):
             CHECKOUT_RUN_FILE.write_text(
                 json.dumps({**ours, "params": None if composes_params else params_digest()}), encoding="utf-8"
             )
+
+
+@contextmanager
+def claim_lock() -> Iterator[None]:
+    """The checkout's claim, one process at a time; one line if its holder keeps it (CLAIM_WAIT_SECONDS)."""
+    from filelock import FileLock, Timeout
+
+    from pipeline.errors import PipelineError
+
+    lock = FileLock(f"{CHECKOUT_RUN_FILE}.lock")
+    try:
+        lock.acquire(timeout=CLAIM_WAIT_SECONDS)
+    except Timeout:
+        raise PipelineError(
+            f"waited {CLAIM_WAIT_SECONDS} s for {lock.lock_file}, which another process holds (a stage or dvc "
+            "stopped with Ctrl-Z, or stuck): resume or end it (`ps` shows it), then run again"
+        ) from None
+    try:
+        yield
+    finally:
+        lock.release()
+
+
+def claim_checkout_to_compose() -> None:
+    """Before conf/ is composed into params.yaml outside a stage: in DVC's own process for `dvc exp run
+    -S` (hydra_plugins/), or by `make params`. Refused while another dvc run holds the checkout, before
+    anything is written, so the run in progress keeps its params.yaml. A workspace `dvc exp run -S` claims
+    the checkout for its own process (its stages then find their own claim), so that one started after
+    it is refused too. `--queue` and `--temp` experiments compose for a copy of their own: not refused."""
+    if os.environ.get("DVC_STAGE"):
+        return  # the `params` stage: under_dvc claimed the checkout for its dvc
+    import psutil
+
+    this = psutil.Process()
+    if not dvc_command(this):
+        claim_checkout(None)
+    elif not {"--queue", "--temp"} & set(sys.argv):
+        claim_checkout(this, composes_params=True)
 
 
 def checkout_run() -> dict | None:
