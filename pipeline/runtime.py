@@ -262,6 +262,21 @@ IMPORT_NOTICES = (
 
 
 @contextmanager
+def skipped_optional_import(module: str) -> Iterator[None]:
+    """Imports within it find `module` missing (None in sys.modules makes `import module` raise
+    ImportError), as libraries that treat it as optional expect; later imports find it again."""
+    if module in sys.modules:  # already imported (e.g. in the warm process): nothing to save
+        yield
+        return
+    sys.modules[module] = None
+    try:
+        yield
+    finally:
+        if sys.modules.get(module, "") is None:
+            del sys.modules[module]
+
+
+@contextmanager
 def tensorflow_import_notices_hidden() -> Iterator[None]:
     """Drops TensorFlow's import-time notices (IMPORT_NOTICES) and passes every other line on."""
     if os.environ.get("TF_CPP_MIN_LOG_LEVEL") != "3":

@@ -22,9 +22,11 @@ from mlflow.models import ModelSignature
 from mlflow.types import Schema, TensorSpec
 
 from pipeline import project_root
-from pipeline.runtime import tensorflow_import_notices_hidden
+from pipeline.runtime import skipped_optional_import, tensorflow_import_notices_hidden
 
-with tensorflow_import_notices_hidden():
+# Keras imports scikit-learn, an optional dependency of its own, for its scikit-learn wrappers
+# (keras/src/wrappers/fixes.py), which training never uses: half a second of every cold start.
+with tensorflow_import_notices_hidden(), skipped_optional_import("sklearn"):
     import keras
     import mlflow.keras
     import tensorflow as tf
