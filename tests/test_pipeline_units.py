@@ -480,3 +480,22 @@ def test_tensorflows_import_notices_are_dropped_unless_asked_for(monkeypatch, ca
     err = capfd.readouterr().err
     assert "a warning of the user's own" in err
     assert all((notice in err) != dropped for notice in IMPORT_NOTICES)
+
+
+def test_an_optional_import_is_skipped_only_inside_the_block(tmp_path, monkeypatch):
+    """The train stage imports Keras without scikit-learn this way: Keras treats it as not installed."""
+    import importlib
+    import sys
+
+    from pipeline.runtime import skipped_optional_import
+
+    (tmp_path / "optional_extra.py").write_text("VALUE = 1\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with skipped_optional_import("optional_extra"):
+        with pytest.raises(ImportError):
+            importlib.import_module("optional_extra")
+    assert "optional_extra" not in sys.modules
+    assert importlib.import_module("optional_extra").VALUE == 1  # found again afterwards
+    with skipped_optional_import("optional_extra"):  # already imported: left as it is
+        assert importlib.import_module("optional_extra").VALUE == 1
+    monkeypatch.delitem(sys.modules, "optional_extra")
