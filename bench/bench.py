@@ -238,7 +238,7 @@ def warm_ready_seconds(project: Path, seconds: float = 600) -> float:
 def measure_install(baseline: str | None, repeats: int) -> None:
     """The install on a CPU machine as a new user meets it, for this commit and for `baseline`: a fresh
     clone's `make` install (its wall time, pip's cache off, so every wheel is fetched), the venv's size
-    after `make run` (du), the train stage's imports (Keras with TensorFlow) in a fresh process, and
+    after `make run` (du), Keras with TensorFlow imported in a fresh process (the evaluate stage's imports), and
     what `make test`'s install adds. Writes the install section of bench/results.md."""
     env = bench_environment()
     env["PIP_NO_CACHE_DIR"] = "1"

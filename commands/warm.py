@@ -99,6 +99,9 @@ IMPORT_TIME_VARIABLES = (
     "XDG_",
     "HOME",
 )
+# Whether Python writes bytecode files changes no module: the Makefile clears it for make's commands
+# (it compiles none at install), and a typed `dvc exp run` keeps the shell's.
+IGNORED_VARIABLES = {"PYTHONDONTWRITEBYTECODE"}
 
 
 def process_fingerprint() -> dict:
@@ -114,7 +117,11 @@ def process_fingerprint() -> dict:
                 if not path.endswith(".py") and (project_root() / path).exists()
             )
         ).hexdigest(),
-        "variables": {key: value for key, value in os.environ.items() if key.startswith(IMPORT_TIME_VARIABLES)},
+        "variables": {
+            key: value
+            for key, value in os.environ.items()
+            if key.startswith(IMPORT_TIME_VARIABLES) and key not in IGNORED_VARIABLES
+        },
     }
 
 
@@ -313,7 +320,7 @@ def listen_for_stages(idle_minutes: float, lock: int) -> dict | None:
     PID_FILE.write_text(str(os.getpid()))  # `make cold` can stop it while it preloads
     signal.signal(signal.SIGTERM, lambda *_: leave("stopped"))
     preload()
-    # Set by the libraries while importing (scikit-learn's KMP_* for OpenMP): a stage's own process has them too.
+    # Set by the libraries while importing (scikit-learn's KMP_* for OpenMP): a stage that imports them has them too.
     set_by_imports = {key: value for key, value in os.environ.items() if environment.get(key) != value}
     listener = socket.socket(socket.AF_UNIX)
     listener.bind(f"{SOCKET}.{os.getpid()}")

@@ -5,9 +5,10 @@ the Hydra plugins found under its `hydra.plugins_path`, this repository's root (
 https://github.com/iterative/dvc/blob/3.67.1/dvc/utils/hydra.py), so this module is loaded there. Hydra
 has no hook for a schema of plain YAML configs, so its composition function is wrapped:
 a misspelt key gets the project's line (the keys allowed) instead of Hydra's "To append to your config
-use +key=value", an appended key or a bad value is refused too, and DVC stops before it stashes,
-changes or runs anything. In `make params`, Hydra loads it the same way (the repository's root is on
-sys.path) and pipeline.config.compose gives the same line without it.
+use +key=value", an appended key or a bad value is refused too, and DVC stops before it writes
+params.yaml or runs anything (the workspace's changes it stashed to compose are restored). In
+`make params`, Hydra loads it the same way (the repository's root is on sys.path) and
+pipeline.config.compose gives the same line without it.
 """
 
 import sys

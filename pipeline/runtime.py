@@ -81,8 +81,9 @@ ONE_RUN_AT_A_TIME = (
     "`dvc queue start`) or `dvc exp run --temp`"
 )
 PARENT_POLL_SECONDS = 1.0  # how soon a stage notices that its dvc died
-# The claim is read and written in milliseconds: a longer wait means its holder is stopped (Ctrl-Z) or stuck.
-CLAIM_WAIT_SECONDS = 30
+# The claim is read and written in milliseconds: a longer wait means its holder is stopped (Ctrl-Z) or
+# stuck. Short, because DVC's process waits with the workspace's changes stashed (claim_checkout_to_compose).
+CLAIM_WAIT_SECONDS = 5
 
 
 def under_dvc(module: str) -> None:
@@ -184,11 +185,14 @@ def claim_lock() -> Iterator[None]:
 
 
 def claim_checkout_to_compose() -> None:
-    """Before conf/ is composed into params.yaml outside a stage: in DVC's own process for `dvc exp run
-    -S` (hydra_plugins/), or by `make params`. Refused while another dvc run holds the checkout, before
-    anything is written, so the run in progress keeps its params.yaml. A workspace `dvc exp run -S` claims
-    the checkout for its own process (its stages then find their own claim), so that one started after
-    it is refused too. `--queue` and `--temp` experiments compose for a copy of their own: not refused."""
+    """Before conf/ is composed into params.yaml outside a stage: in DVC's own process for `dvc exp run`
+    (hydra_plugins/), or by `make params`. Refused while another dvc run holds the checkout, before
+    params.yaml is composed, and the run in progress keeps it. DVC composes inside its stash of the
+    workspace's changes (BaseStashQueue._stash_exp in dvc/repo/experiments/queue/base.py), so tracked
+    files the running experiment changed are at HEAD's version for that moment: a stage of it that
+    starts then stops on params_changed rather than run on them. A workspace `dvc exp run` claims the
+    checkout for its own process (its stages then find their own claim), so that one started after it
+    is refused too. `--queue` and `--temp` experiments compose for a copy of their own: not refused."""
     if os.environ.get("DVC_STAGE"):
         return  # the `params` stage: under_dvc claimed the checkout for its dvc
     import psutil

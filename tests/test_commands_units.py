@@ -305,3 +305,15 @@ def test_the_tuned_preset_is_a_setting_compare_names_and_hydra_composes(tmp_path
     sections = validate(compose(["+experiment=tuned"], conf_dir=conf))
     assert (sections["train"].learning_rate, sections["model"].hidden_units) == (0.0031, 256)  # the best trial's
     assert "7" in commands.compare.setting_label("tuned") and commands.compare.setting_label("cnn") == "cnn"
+
+
+def test_the_warm_fingerprint_ignores_whether_bytecode_is_written(monkeypatch):
+    """make clears PYTHONDONTWRITEBYTECODE, a typed `dvc exp run` keeps the shell's: one warm process serves both."""
+    from commands.warm import process_fingerprint
+
+    monkeypatch.delenv("PYTHONDONTWRITEBYTECODE", raising=False)
+    without = process_fingerprint()
+    monkeypatch.setenv("PYTHONDONTWRITEBYTECODE", "1")
+    assert process_fingerprint() == without
+    monkeypatch.setenv("TF_ENABLE_ONEDNN_OPTS", "0")  # a variable that changes what TensorFlow computes
+    assert process_fingerprint() != without

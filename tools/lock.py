@@ -26,8 +26,8 @@ import tomllib
 from pathlib import Path
 
 CPU_LOCK, GPU_LOCK, DEV_LOCK = Path("requirements.lock"), Path("requirements-gpu.lock"), Path("requirements-dev.lock")
-# The venv's own tools: `python -m venv` and `pip install --upgrade pip` provide them, and pip freeze
-# (which wrote the locks before) leaves them out.
+# Packaging tools: `python -m venv` and `pip install --upgrade pip` provide pip and setuptools, and pip
+# freeze (which wrote the locks before) leaves them out; wheel is only astunparse's build-time listing.
 PACKAGING_TOOLS = {"pip", "setuptools", "wheel"}
 # Required by a package's metadata but never imported by anything the project runs, so left out of the
 # locks (`make` installs them with --no-deps; `pip check` names what is missing). TensorFlow's setup.py
