@@ -160,8 +160,13 @@ def run(project: Path, command: list[str], env: dict, check: bool = True, timeou
 
 
 def written_files(folder: Path) -> list[Path]:
-    """Files a stage wrote under `folder` (the .gitignore files DVC keeps there do not count)."""
-    return [path for path in folder.rglob("*") if path.is_file() and path.name != ".gitignore"]
+    """Files a stage wrote under `folder` (the .gitignore files DVC keeps there, and the bytecode Python
+    writes for the project's modules, do not count)."""
+    return [
+        path
+        for path in folder.rglob("*")
+        if path.is_file() and path.name != ".gitignore" and "__pycache__" not in path.parts
+    ]
 
 
 def stop(process: subprocess.Popen) -> None:
