@@ -160,12 +160,15 @@ def run(project: Path, command: list[str], env: dict, check: bool = True, timeou
 
 
 def written_files(folder: Path) -> list[Path]:
-    """Files a stage wrote under `folder` (the .gitignore files DVC keeps there, and the bytecode Python
-    writes for the project's modules, do not count)."""
+    """Files a stage wrote under `folder`. Not counted: the .gitignore files DVC keeps there, the bytecode
+    Python writes for the project's modules, and the scratch of DVC and the warm process (.dvc/tmp)."""
     return [
         path
         for path in folder.rglob("*")
-        if path.is_file() and path.name != ".gitignore" and "__pycache__" not in path.parts
+        if path.is_file()
+        and path.name != ".gitignore"
+        and "__pycache__" not in path.parts
+        and ".dvc/tmp/" not in path.as_posix()
     ]
 
 

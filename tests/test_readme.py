@@ -167,6 +167,14 @@ def test_readme_and_docs_commands_run_verbatim(tmp_path, mnist_url):
     # The reproduce section shows `REV=HEAD` first; HEAD must hold a result first: run the block that
     # commits one ("my result") before it, as a user following it on their own result would.
     blocks.sort(key=lambda block: "REV=HEAD" in block)
+    try:
+        run_blocks(project, blocks, shell_env)
+    finally:  # a user's shell starts the warm process (docs/warm.md): stop it with the test
+        subprocess.run(["make", "--no-print-directory", "cold"], cwd=project, env=shell_env, capture_output=True)
+
+
+def run_blocks(project: Path, blocks: list[str], shell_env: dict) -> None:
+    """Runs each block in a new bash, in order; the first that fails fails the test."""
     for block in blocks:
         commands = "\n".join(line for line in block.splitlines() if not line.startswith("make test"))
         if "<mlflow run id>" in commands:
