@@ -184,12 +184,12 @@ lock:
 # dropped a package, or the other TensorFlow build (both install the module `tensorflow`), would
 # leave it behind. A changed runtime lock, or another one (the stamp names the venv's: GPU=1 after a
 # CPU install), therefore rebuilds the venv from scratch.
-# No --quiet: pip shows each package as it is downloaded and installed. --no-deps: the lock is the whole
-# install, less what tools/lock.py leaves out as never imported (NEVER_IMPORTED). The venv is then trimmed of
-# what running never reads (docs/install.md, "What the install leaves out"): TensorFlow's C++ headers (for compiling custom
-# ops) and the symbol tables of shared libraries (for debuggers; `strip` from binutils, skipped where it
-# is missing; vendored *.libs are left as auditwheel patched them). Bytecode is not compiled for every
-# module (--no-compile): Python writes it on first import, for the modules the pipeline imports only.
+# No --quiet: pip shows each package as it is downloaded and installed. --no-deps: the lock is the
+# whole install, less what tools/lock.py leaves out as never imported (NEVER_IMPORTED). --no-compile:
+# Python writes bytecode on first import, for the modules the pipeline imports only. The venv is then
+# trimmed of what running never reads (docs/install.md, "What the install leaves out"): TensorFlow's
+# C++ headers (for compiling custom ops) and the symbol tables of shared libraries (for debuggers;
+# `strip` from binutils, skipped where missing; vendored *.libs are left as auditwheel patched them).
 $(INSTALLED): $(LOCK) $(if $(filter $(LOCK),$(shell cat $(INSTALLED) 2>/dev/null)),,another-lock)
 	rm -rf $(VENV)
 	$(PYTHON) -m venv $(VENV)
