@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.errors import PipelineError
+from pipeline.errors import PipelineError, raise_if_interrupted
 
 # The paths dvc.yaml declares, relative to the workspace DVC runs the stage in.
 RAW_DIR = Path("data/raw")
@@ -115,6 +115,7 @@ def staged_outputs() -> Iterator[StagedOutputs]:
     try:
         with errors_naming(root, Path()):
             yield StagedOutputs(root)
+            raise_if_interrupted()
             for staged in sorted(path for path in root.rglob("*") if path.is_file()):
                 os.replace(staged, staged.relative_to(root))
     finally:

@@ -9,6 +9,7 @@ PIPELINE_DEBUG=1 adds the traceback to the one-line errors too.
 import os
 import signal
 import sys
+import threading
 import traceback
 from collections.abc import Callable
 from typing import Any
@@ -18,15 +19,34 @@ class PipelineError(Exception):
     """A problem the user can fix; reported as one line, without a traceback."""
 
 
+# Set by the signal handler below. Python drops an exception raised inside a __del__ method ("Exception
+# ignored in"), and TensorFlow's run at any moment of a training: a Ctrl-C that lands in one would be lost.
+_interrupted = threading.Event()
+
+
+def _interrupt(signal_number: int, frame: Any) -> None:
+    _interrupted.set()
+    raise KeyboardInterrupt
+
+
+def raise_if_interrupted() -> None:
+    """Raises the KeyboardInterrupt of a Ctrl-C or SIGTERM that Python dropped; checked between a
+    training's steps, before outputs land and before a run is marked FINISHED."""
+    if _interrupted.is_set():
+        raise KeyboardInterrupt
+
+
 def guard(command: str, function: Callable[..., Any], *arguments: Any, interrupted: str = "run it again") -> None:
     """Runs function(*arguments) as the command named `command`, reporting what the user can fix."""
     # SIGTERM (a `kill`, a CI timeout, a dvc that died: runtime.stop_with) and SIGHUP (a closed terminal)
-    # unwind like Ctrl-C: open MLflow runs get closed. A SIGHUP ignored on purpose (`nohup`) stays ignored.
-    signal.signal(signal.SIGTERM, signal.default_int_handler)
-    if signal.getsignal(signal.SIGHUP) is not signal.SIG_IGN:
-        signal.signal(signal.SIGHUP, signal.default_int_handler)
+    # unwind like Ctrl-C: open MLflow runs get closed. A signal ignored on purpose (`nohup`, a background
+    # job's Ctrl-C) stays ignored.
+    for number in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        if signal.getsignal(number) is not signal.SIG_IGN:
+            signal.signal(number, _interrupt)
     try:
         function(*arguments)
+        raise_if_interrupted()
     except PipelineError as error:
         fail(command, str(error))
     except OSError as error:

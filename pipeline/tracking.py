@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING
 
 from pipeline import project_root, runtime
 from pipeline.data_io import PREPARED_DIR, RUN_FILE, TRAINING_INPUTS, read_json
-from pipeline.errors import PipelineError, guard
+from pipeline.errors import PipelineError, guard, raise_if_interrupted
 
 if TYPE_CHECKING:
     import mlflow
@@ -527,6 +527,7 @@ def training_run(
             mlflow.log_params(params)
             mlflow.log_text(installed_packages(), "environment/requirements.txt")
             yield run
+            raise_if_interrupted()
             check_run_is_ours(run.info.run_id)
 
 

@@ -64,7 +64,7 @@ from pipeline.data_io import (
     write_csv,
     write_json,
 )
-from pipeline.errors import PipelineError
+from pipeline.errors import PipelineError, raise_if_interrupted
 from pipeline.models import build_model
 
 VALIDATION_BATCH_SIZE = 1024  # evaluation only: changes no update, just the speed
@@ -171,6 +171,18 @@ class StopOnNonFiniteLoss(keras.callbacks.Callback):
                 f"the training diverged in epoch {epoch + 1} ({found}); lower train.learning_rate "
                 f"(now {self.config.learning_rate:g}){precision} and run again; no model was saved"
             )
+
+
+class StopWhenInterrupted(keras.callbacks.Callback):
+    """Stops `fit` at its next call of steps after a Ctrl-C or SIGTERM whose KeyboardInterrupt Python
+    dropped (pipeline/errors.py): otherwise the training would run to its end before the stage stops.
+    On the batches' begin: a callback on their end turns Keras's asynchronous dispatch of them off."""
+
+    def on_train_batch_begin(self, batch, logs=None):
+        raise_if_interrupted()
+
+    def on_test_batch_begin(self, batch, logs=None):
+        raise_if_interrupted()
 
 
 class EpochLogger(keras.callbacks.Callback):
@@ -311,6 +323,7 @@ def train(model_config: MlpConfig | CnnConfig, train_config: TrainConfig) -> Non
             # A diverged epoch stops first. Log, then checkpoint: after a death between the two, the epoch
             # is redone and re-logged, not lost.
             callbacks=[
+                StopWhenInterrupted(),
                 StopOnNonFiniteLoss(train_config),
                 EpochLogger(len(train_labels)),
                 *gpu_memory_logger(),

@@ -108,11 +108,14 @@ def test_errors_about_a_temporary_name_the_destination(checkout):
 
 
 def fake_dvc(tmp_path: Path, *arguments: str) -> subprocess.Popen:
-    """A live process whose command line is a dvc command's: `python .../dvc <arguments>`."""
+    """A live process whose command line is a dvc command's: `python .../dvc <arguments>`; returned once
+    it runs the script (until then, the fork has its parent's command line)."""
     script = tmp_path / "bin" / "dvc"
     script.parent.mkdir(exist_ok=True)
-    script.write_text("import time\ntime.sleep(120)\n")
-    return subprocess.Popen([sys.executable, str(script), *arguments])
+    script.write_text("import time\nprint('running', flush=True)\ntime.sleep(120)\n")
+    process = subprocess.Popen([sys.executable, str(script), *arguments], stdout=subprocess.PIPE, text=True)
+    assert process.stdout.readline() == "running\n"
+    return process
 
 
 def test_a_second_dvc_run_in_a_checkout_is_refused_until_the_first_ends(checkout, tmp_path, monkeypatch):

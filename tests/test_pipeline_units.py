@@ -8,6 +8,7 @@ import os
 import shutil
 import signal
 import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -217,12 +218,15 @@ def test_mirrors_are_urls_with_mnist_mirror_first(tmp_path, monkeypatch):
 
 @pytest.fixture
 def guarded():
-    """guard(), with the SIGTERM handler it installs put back afterwards."""
-    from pipeline.errors import guard
+    """guard(), with the signal handlers it installs put back afterwards, and no interrupt remembered."""
+    from pipeline import errors
 
-    handler = signal.getsignal(signal.SIGTERM)
-    yield guard
-    signal.signal(signal.SIGTERM, handler)
+    numbers = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+    handlers = [signal.getsignal(number) for number in numbers]
+    yield errors.guard
+    for number, handler in zip(numbers, handlers, strict=True):
+        signal.signal(number, handler)
+    errors._interrupted.clear()
 
 
 def raise_(error: BaseException):
@@ -244,6 +248,29 @@ def test_what_the_user_can_fix_is_one_line(guarded, capsys, monkeypatch, error, 
     assert exited.value.code == status
     [line] = capsys.readouterr().err.splitlines()
     assert line.startswith("error: train: ")
+
+
+class DroppingAnInterrupt:
+    """Signals its own process from __del__: the KeyboardInterrupt is raised there, and Python drops it."""
+
+    def __del__(self):
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
+def test_a_signal_whose_interrupt_python_dropped_still_stops_the_command(guarded, capsys, monkeypatch):
+    monkeypatch.delenv("PIPELINE_DEBUG", raising=False)
+    dropped, finished = [], []
+    monkeypatch.setattr(sys, "unraisablehook", lambda unraisable: dropped.append(unraisable.exc_type))
+
+    def work():
+        DroppingAnInterrupt()  # deleted at once
+        finished.append(True)
+
+    with pytest.raises(SystemExit) as exited:
+        guarded("train", work, interrupted="run `dvc repro` again")
+    assert dropped == [KeyboardInterrupt] and finished  # the work went on
+    assert exited.value.code == 130
+    assert capsys.readouterr().err == "error: train: interrupted; run `dvc repro` again\n"
 
 
 def test_a_filesystem_refusal_is_one_line_naming_the_path(guarded, capsys, tmp_path):
