@@ -497,13 +497,24 @@ def main() -> None:
     mode.add_argument(
         "--reset", action="store_true", help="`make reset`: the committed params.yaml, dvc.lock and outputs back"
     )
+    mode.add_argument(
+        "--check-free",
+        action="store_true",
+        help="`make run`, before its `dvc repro`: refused in one line while a dvc run holds this checkout",
+    )
     parser.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. train.epochs=10")
     arguments = parser.parse_args()
-    if arguments.sync or arguments.reset:
-        if arguments.overrides:
-            parser.error("--sync and --reset take no overrides")
-        guard("params" if arguments.sync else "reset", sync if arguments.sync else reset)
-        return
+    modes = {
+        "sync": ("params", sync),
+        "reset": ("reset", reset),
+        "check_free": ("run", runtime.claim_checkout_to_compose),
+    }
+    for name, (command, function) in modes.items():
+        if getattr(arguments, name):
+            if arguments.overrides:
+                parser.error("--sync, --reset and --check-free take no overrides")
+            guard(command, function)
+            return
 
     def write() -> None:
         runtime.claim_checkout_to_compose()  # not under a dvc run in progress

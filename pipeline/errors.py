@@ -20,7 +20,8 @@ class PipelineError(Exception):
 
 
 # Set by the signal handler below. Python drops an exception raised inside a __del__ method ("Exception
-# ignored in"), and TensorFlow's run at any moment of a training: a Ctrl-C that lands in one would be lost.
+# ignored in"), and TensorFlow's __del__ methods run at any moment of a training: a Ctrl-C that landed in
+# one would be lost. https://docs.python.org/3/reference/datamodel.html#object.__del__
 _interrupted = threading.Event()
 
 
@@ -38,21 +39,28 @@ def raise_if_interrupted() -> None:
 
 def guard(command: str, function: Callable[..., Any], *arguments: Any, interrupted: str = "run it again") -> None:
     """Runs function(*arguments) as the command named `command`, reporting what the user can fix."""
-    # SIGTERM (a `kill`, a CI timeout, a dvc that died: runtime.stop_with) and SIGHUP (a closed terminal)
-    # unwind like Ctrl-C: open MLflow runs get closed. A signal ignored on purpose (`nohup`, a background
-    # job's Ctrl-C) stays ignored.
+    # Ctrl-C, SIGTERM (a `kill`, a CI timeout, a dvc that died: runtime.stop_with) and SIGHUP (a closed
+    # terminal) unwind as a KeyboardInterrupt: open MLflow runs get closed. A signal ignored on purpose
+    # (`nohup`, a background job's Ctrl-C) stays ignored.
     for number in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         if signal.getsignal(number) is not signal.SIG_IGN:
             signal.signal(number, _interrupt)
     try:
         function(*arguments)
         raise_if_interrupted()
-    except PipelineError as error:
-        fail(command, str(error))
-    except OSError as error:
-        fail(command, describe_os_error(error))
     except KeyboardInterrupt:
         fail(command, f"interrupted; {interrupted}", exit_code=130)
+    except Exception as error:
+        # After a signal, any error is the interrupt's: C code that ran the handler and went on turns its
+        # KeyboardInterrupt into another error (TensorFlow's tracing: "SystemError: ... bad argument to
+        # internal function").
+        if _interrupted.is_set():
+            fail(command, f"interrupted; {interrupted}", exit_code=130)
+        if isinstance(error, PipelineError):
+            fail(command, str(error))
+        if isinstance(error, OSError):
+            fail(command, describe_os_error(error))
+        raise
 
 
 def describe_os_error(error: OSError) -> str:

@@ -136,6 +136,10 @@ def git(project: Path, *arguments: str) -> str:
     ).stdout.strip()
 
 
+# make in a project copy: it has no .venv of its own, the tests' interpreter stands in for it.
+MAKE = ["make", "--no-print-directory", "-o", ".venv/.installed"]
+
+
 def environment(mnist_url: str, **extra: str) -> dict:
     """The stages' environment: this interpreter's venv first, MNIST from the local server,
     no tracking or DVC settings leaking in from the caller."""

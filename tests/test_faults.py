@@ -23,7 +23,7 @@ from filelock import FileLock
 from pipeline import runtime
 from pipeline.data_io import atomic_write_text, load_array, load_model, read_json, staged_outputs
 from pipeline.errors import PipelineError, describe_os_error
-from tests.helpers import REPO, environment, error_lines, make_project, run, run_stage_process, written_files
+from tests.helpers import MAKE, REPO, environment, error_lines, make_project, run, run_stage_process, written_files
 from tests.test_interrupt import SLOW
 
 ONE_AT_A_TIME = (
@@ -420,6 +420,7 @@ def test_a_second_experiment_in_a_busy_checkout_stops_and_no_run_is_mislabeled(t
         second_output = second.communicate(timeout=300)[0].decode()
         repro = dvc("repro")
         repro_output = repro.communicate(timeout=300)[0].decode()
+        make_run = run(project, [*MAKE, "run"], env, check=False)
         beside = dvc("exp", "run", "--temp", "--name", "beside-seed3", "-S", "train.seed=3")
         wait_for_stage(beside, "train")  # past DVC's stash of it, which touches the workspace
     finally:
@@ -445,6 +446,13 @@ def test_a_second_experiment_in_a_busy_checkout_stops_and_no_run_is_mislabeled(t
         f"checkout, and two runs in one checkout overwrite each other's params.yaml and outputs; wait for it to "
         f"end: {ONE_AT_A_TIME}"
     ], repro_output[-3000:]
+    # `make run` checks before its `dvc repro` starts: our line, always.
+    assert make_run.returncode != 0 and "Running stage" not in make_run.stdout
+    assert error_lines(make_run.stderr) == [
+        f"error: run: `dvc exp run --name first-seed1 -S train.seed=1` (pid {first.pid}) is running in this "
+        f"checkout, and two runs in one checkout overwrite each other's params.yaml and outputs; wait for it to "
+        f"end: {ONE_AT_A_TIME}"
+    ], make_run.stderr[-3000:]
 
     first_output, beside_output = (process.communicate(timeout=600)[0].decode() for process in (first, beside))
     assert first.returncode == 0, first_output[-3000:]  # the first finishes as itself

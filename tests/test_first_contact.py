@@ -14,10 +14,18 @@ import pandas as pd
 import pytest
 import yaml
 
-from tests.helpers import CI_MARKERS, REPO, environment, error_lines, free_port, git, make_project, run, stop
-
-# The project copies have no .venv of their own: the tests' interpreter stands in for it.
-MAKE = ["make", "--no-print-directory", "-o", ".venv/.installed"]
+from tests.helpers import (
+    CI_MARKERS,
+    MAKE,
+    REPO,
+    environment,
+    error_lines,
+    free_port,
+    git,
+    make_project,
+    run,
+    stop,
+)
 
 
 @pytest.mark.slow

@@ -273,6 +273,21 @@ def test_a_signal_whose_interrupt_python_dropped_still_stops_the_command(guarded
     assert capsys.readouterr().err == "error: train: interrupted; run `dvc repro` again\n"
 
 
+def test_an_error_raised_while_a_signal_was_handled_is_the_interrupt(guarded, capsys, monkeypatch):
+    monkeypatch.delenv("PIPELINE_DEBUG", raising=False)
+
+    def work():
+        try:
+            os.kill(os.getpid(), signal.SIGTERM)
+        except KeyboardInterrupt:  # as C code that ran the handler and went on does
+            raise SystemError("bad argument to internal function") from None
+
+    with pytest.raises(SystemExit) as exited:
+        guarded("train", work, interrupted="run `dvc repro` again")
+    assert exited.value.code == 130
+    assert capsys.readouterr().err == "error: train: interrupted; run `dvc repro` again\n"
+
+
 def test_a_filesystem_refusal_is_one_line_naming_the_path(guarded, capsys, tmp_path):
     missing = tmp_path / "data/prepared/train_images.npy"
     with pytest.raises(SystemExit) as exited:
