@@ -36,7 +36,7 @@ DOC_PAGES = (
     "comparison.md",
     "mistakes.md",
 )
-README_LINES, README_WIDTH = 250, 120
+README_LINES, README_WIDTH = 199, 120
 MKDOCS = REPO / ".venv/bin/mkdocs"
 
 
