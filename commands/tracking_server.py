@@ -24,6 +24,7 @@ from pathlib import Path
 
 from pipeline import project_root
 from pipeline.errors import PipelineError, guard
+from pipeline.tracking import JOB_RUNNER_SWITCH
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 # MLflow's default admin password until 3.x, and the ones people try first.
@@ -132,10 +133,7 @@ def server(
         ",".join(origins),
     ]
     environment = dict(os.environ)
-    # MLflow's job runner (GenAI prompt optimization, scorers, trace archival: nothing this project uses)
-    # is a process and a pool of workers that run code on the server's behalf, and slows its start and
-    # stop; MLFLOW_SERVER_ENABLE_JOB_EXECUTION=true turns it on.
-    environment.setdefault("MLFLOW_SERVER_ENABLE_JOB_EXECUTION", "false")
+    environment.setdefault(*JOB_RUNNER_SWITCH)
     config = None
     if auth:
         environment["MLFLOW_AUTH_ADMIN_PASSWORD"] = admin_password()

@@ -108,7 +108,7 @@ def process_fingerprint() -> dict:
     """What a stage's process must share with the warm process to run as a fork of it."""
     return {
         "Python": [sys.version, os.path.realpath(sys.prefix)],  # the venv, whichever link leads to it
-        "installed packages": os.stat(sysconfig.get_paths()["purelib"]).st_mtime_ns,  # pip (un)installing changes it
+        "installed packages": installed_distributions(sysconfig.get_paths()["purelib"]),
         # The environment half of what shapes the weights (the code half is imported fresh by each fork).
         "locks": hashlib.sha256(
             b"".join(
@@ -123,6 +123,17 @@ def process_fingerprint() -> dict:
             if key.startswith(IMPORT_TIME_VARIABLES) and key not in IGNORED_VARIABLES
         },
     }
+
+
+def installed_distributions(site_packages: str) -> str:
+    """A digest of the distributions installed in site_packages, each with the time pip wrote its
+    .dist-info: installing, upgrading, reinstalling or removing one changes it. Not the folder's own
+    time, which Python's first bytecode write (site-packages/__pycache__) changes too."""
+    with os.scandir(site_packages) as entries:
+        found = sorted(
+            f"{entry.name} {entry.stat().st_mtime_ns}" for entry in entries if entry.name.endswith(".dist-info")
+        )
+    return hashlib.sha256("\n".join(found).encode()).hexdigest()
 
 
 class Cold(Exception):

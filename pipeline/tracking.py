@@ -15,6 +15,7 @@ import logging
 import os
 import platform
 import re
+import signal
 import sqlite3
 import subprocess
 import sys
@@ -668,6 +669,11 @@ def runs_path(experiment: str) -> str:
 UI_NOT_ERRORS = ("[MLflow] Security middleware enabled with default settings",)
 UI_WARNING_FILTER = "ignore:starlette.middleware.wsgi is deprecated"
 UI_QUIET_ARGS = ("--uvicorn-opts", "--log-level warning --no-access-log")
+# MLflow's job runner (GenAI prompt optimization, scorers, trace archival: nothing this project uses) is a
+# process and a pool of workers that run code on the server's behalf, and slows its start and stop; both
+# `make ui` and `make server` leave it off unless MLFLOW_SERVER_ENABLE_JOB_EXECUTION=true says otherwise.
+JOB_RUNNER_SWITCH = ("MLFLOW_SERVER_ENABLE_JOB_EXECUTION", "false")
+UI_STOP_SECONDS = 20  # for the server's own graceful stop, before its process group is killed
 
 
 def serve_ui(host: str, port: int, command: list[str]) -> int:
@@ -681,12 +687,18 @@ def serve_ui(host: str, port: int, command: list[str]) -> int:
     link = runs_url(host, port)
     environment = dict(os.environ)
     environment.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
+    environment.setdefault(*JOB_RUNNER_SWITCH)
     environment["PYTHONWARNINGS"] = ",".join(filter(None, [environment.get("PYTHONWARNINGS"), UI_WARNING_FILTER]))
-    server = subprocess.Popen([*command, *UI_QUIET_ARGS], env=environment, stderr=subprocess.PIPE, text=True)
+    # In a session of its own: the terminal's Ctrl-C reaches this process alone, which stops the server
+    # (mlflow passes the SIGTERM on to its workers), rather than every worker at once, mid-import or not.
+    server = subprocess.Popen(
+        [*command, *UI_QUIET_ARGS], env=environment, stderr=subprocess.PIPE, text=True, start_new_session=True
+    )
+    stopping = threading.Event()
 
     def forward_errors() -> None:
         for line in server.stderr:
-            if not line.startswith(UI_NOT_ERRORS):
+            if not stopping.is_set() and not line.startswith(UI_NOT_ERRORS):
                 sys.stderr.write(line)
                 sys.stderr.flush()
 
@@ -703,8 +715,13 @@ def serve_ui(host: str, port: int, command: list[str]) -> int:
                 time.sleep(0.5)
         return server.wait()
     except KeyboardInterrupt:  # Ctrl-C (or a SIGTERM, see guard): the server stops with this command
+        stopping.set()  # what it prints while it stops is no news
         server.terminate()
-        server.wait()
+        try:
+            server.wait(timeout=UI_STOP_SECONDS)
+        except subprocess.TimeoutExpired:
+            os.killpg(server.pid, signal.SIGKILL)  # with every worker it started
+            server.wait()
         return 130
 
 

@@ -317,3 +317,16 @@ def test_the_warm_fingerprint_ignores_whether_bytecode_is_written(monkeypatch):
     assert process_fingerprint() == without
     monkeypatch.setenv("TF_ENABLE_ONEDNN_OPTS", "0")  # a variable that changes what TensorFlow computes
     assert process_fingerprint() != without
+
+
+def test_the_warm_fingerprint_changes_with_the_packages_not_with_bytecode(tmp_path):
+    from commands.warm import installed_distributions
+
+    (tmp_path / "numpy-2.4.0.dist-info").mkdir()
+    (tmp_path / "six.py").write_text("")
+    before = installed_distributions(str(tmp_path))
+    (tmp_path / "__pycache__").mkdir()  # Python's first import of six.py
+    (tmp_path / "__pycache__/six.cpython-311.pyc").write_bytes(b"")
+    assert installed_distributions(str(tmp_path)) == before
+    (tmp_path / "numpy-2.4.0.dist-info").rename(tmp_path / "numpy-2.4.1.dist-info")  # pip upgrading it
+    assert installed_distributions(str(tmp_path)) != before
