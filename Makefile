@@ -35,7 +35,8 @@ help:
 	@sed -n 's/^## //p' $(MAKEFILE_LIST) | sed 's/$$(HOST)/$(HOST)/g; s/$$(PORT)/$(PORT)/g; s/$$(SERVE_PORT)/$(SERVE_PORT)/g'
 
 ## run: the whole pipeline (`dvc repro`: conf/ composed into params.yaml when it changed, then the five stages)
-# Checked first: a `dvc repro` beside a running one stops at DVC's stage lock, with DVC's message.
+# Checked first, for the one-line refusal: a bare `dvc repro` beside a running one stops at DVC's stage
+# lock, with DVC's message.
 run: $(INSTALLED)
 	python -m pipeline.config --check-free
 	dvc repro

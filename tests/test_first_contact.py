@@ -1,7 +1,9 @@
 """First contact: each command a new user types does what it says, or fails in one line that says why."""
 
 import json
+import os
 import re
+import signal
 import socket
 import subprocess
 import sys
@@ -150,7 +152,7 @@ def test_make_ui_on_a_busy_port_fails_in_one_line(mnist_url):
 
 
 @pytest.mark.slow
-def test_make_ui_prints_its_link_when_the_ui_answers_and_nothing_else(tmp_path, mnist_url):
+def test_make_ui_prints_its_link_when_the_ui_answers_and_nothing_else_until_ctrl_c(tmp_path, mnist_url):
     project = make_project(tmp_path)
     port = free_port()
     server = subprocess.Popen(
@@ -169,6 +171,10 @@ def test_make_ui_prints_its_link_when_the_ui_answers_and_nothing_else(tmp_path, 
         for path in ("/health", "/"):
             urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=5).close()
         time.sleep(2)
+        os.killpg(server.pid, signal.SIGINT)  # a Ctrl-C in its terminal
+        server.wait(timeout=60)
+        with pytest.raises(ConnectionRefusedError):  # the server and its workers have stopped
+            socket.create_connection(("127.0.0.1", port), timeout=5)
     finally:
         stop(server)
     # make's own line about the stopped recipe ("make: ***", or "make[1]: ***" under `make test`).
