@@ -6,7 +6,7 @@ log to MLflow stage all their outputs (staged_outputs) and land them only after 
 succeeded: files, dvc.lock and the tracking store never disagree after a failure. An error about a
 temporary names the destination: the user's path, not ours.
 
-Every file a stage reads from an earlier stage is checked before use (load_array, load_split,
+Every file a stage reads from an earlier stage is checked before use (load_idx, load_array, load_split,
 read_json, load_model): a damaged one is one line naming it and the command that restores or rebuilds it.
 """
 
@@ -64,6 +64,15 @@ IDX_FILES = {
     "train_labels": "train-labels-idx1-ubyte",
     "test_images": "t10k-images-idx3-ubyte",
     "test_labels": "t10k-labels-idx1-ubyte",
+}
+# Decompressed size and SHA-256 of each file, as every MNIST mirror serves it: download checks what it
+# fetches, preprocess what it reads. The sizes follow from the IDX format: a 16-byte header and 28x28
+# bytes per image, or an 8-byte header and a byte per label.
+IDX_SIZE_AND_SHA256 = {
+    "train-images-idx3-ubyte": (47040016, "ba891046e6505d7aadcbbe25680a0738ad16aec93bde7f9b65e87a2fc25776db"),
+    "train-labels-idx1-ubyte": (60008, "65a50cbbf4e906d70832878ad85ccda5333a97f0f4c3dd2ef09a8a9eef7101c5"),
+    "t10k-images-idx3-ubyte": (7840016, "0fa7898d509279e482958e8ce81c8e77db3f2f8254e26661ceb7762c4d494ce7"),
+    "t10k-labels-idx1-ubyte": (10008, "ff7bcfd416de33731a308c3f266cc351222c34898ecbeaf847f06e48f7ec33f2"),
 }
 # IDX magic numbers: 0x08 (unsigned byte) data, then the number of dimensions.
 IDX_IMAGES_MAGIC, IDX_LABELS_MAGIC = 0x00000803, 0x00000801
@@ -170,6 +179,19 @@ def require(path: Path) -> Path:
     if not Path(path).exists():
         raise PipelineError(f"missing upstream output {path}; run `dvc repro` to produce it")
     return Path(path)
+
+
+def load_idx(name: str) -> np.ndarray:
+    """A downloaded MNIST file of data/raw as a uint8 array, checked against MNIST's size and SHA-256
+    first: a file truncated or changed since download would otherwise be split and trained on."""
+    path = RAW_DIR / name
+    data = require(path).read_bytes()
+    expected_size, expected_sha256 = IDX_SIZE_AND_SHA256[name]
+    if len(data) != expected_size:
+        raise damaged(path, f"{len(data)} bytes, MNIST's file has {expected_size}")
+    if hashlib.sha256(data).hexdigest() != expected_sha256:
+        raise damaged(path, "its content does not match MNIST's SHA-256")
+    return parse_idx(data, name)
 
 
 def parse_idx(data: bytes, name: str) -> np.ndarray:

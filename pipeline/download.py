@@ -18,17 +18,9 @@ import zlib
 from pathlib import Path
 
 from pipeline.config import DownloadConfig, run_stage
-from pipeline.data_io import IDX_FILES, RAW_DIR, atomic_write_bytes
+from pipeline.data_io import IDX_FILES, IDX_SIZE_AND_SHA256, RAW_DIR, atomic_write_bytes
 from pipeline.errors import PipelineError
 
-# Decompressed size and SHA-256 of each file, as every MNIST mirror serves it. The sizes follow from
-# the IDX format: a 16-byte header and 28x28 bytes per image, or an 8-byte header and a byte per label.
-EXPECTED = {
-    "train-images-idx3-ubyte": (47040016, "ba891046e6505d7aadcbbe25680a0738ad16aec93bde7f9b65e87a2fc25776db"),
-    "train-labels-idx1-ubyte": (60008, "65a50cbbf4e906d70832878ad85ccda5333a97f0f4c3dd2ef09a8a9eef7101c5"),
-    "t10k-images-idx3-ubyte": (7840016, "0fa7898d509279e482958e8ce81c8e77db3f2f8254e26661ceb7762c4d494ce7"),
-    "t10k-labels-idx1-ubyte": (10008, "ff7bcfd416de33731a308c3f266cc351222c34898ecbeaf847f06e48f7ec33f2"),
-}
 CHUNK_BYTES = 1 << 18
 
 
@@ -68,7 +60,7 @@ def fetch_verified(name: str, mirrors: list[str], timeout_seconds: float) -> byt
 
 
 def fetch_from_mirror(name: str, mirror: str, timeout_seconds: float) -> bytes:
-    expected_size, _ = EXPECTED[name]
+    expected_size, _ = IDX_SIZE_AND_SHA256[name]
     for candidate in (f"{name}.gz", name):
         url = urllib.parse.urljoin(mirror, candidate)
         try:
@@ -108,7 +100,7 @@ def read_url(url: str, timeout_seconds: float, limit: int) -> bytes:
 
 def verify(name: str, payload: bytes) -> bytes:
     """Decompresses when gzipped and checks size and SHA-256 of the result."""
-    expected_size, expected_sha256 = EXPECTED[name]
+    expected_size, expected_sha256 = IDX_SIZE_AND_SHA256[name]
     data = payload
     if payload[:2] == b"\x1f\x8b":
         try:

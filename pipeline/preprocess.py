@@ -13,29 +13,22 @@ import numpy as np
 from pipeline.config import DataConfig, run_stage
 from pipeline.data_io import (
     IDX_FILES,
-    IMAGE_SHAPE,
     MANIFEST_FILE,
     NUM_CLASSES,
     PREPARED_DIR,
-    RAW_DIR,
     SPLITS,
-    parse_idx,
-    require,
+    load_idx,
     save_array,
     write_json,
 )
-from pipeline.errors import PipelineError
 
 
 def preprocess(config: DataConfig) -> None:
-    raw = {key: parse_idx(require(RAW_DIR / name).read_bytes(), name) for key, name in IDX_FILES.items()}
-    for images, labels in (("train_images", "train_labels"), ("test_images", "test_labels")):
-        if raw[images].shape[0] != raw[labels].shape[0] or raw[images].shape[1:] != IMAGE_SHAPE:
-            raise PipelineError(
-                f"{IDX_FILES[images]} has shape {raw[images].shape} but "
-                f"{IDX_FILES[labels]} has {raw[labels].shape[0]} labels; expected n x 28 x 28"
-            )
+    prepare({key: load_idx(name) for key, name in IDX_FILES.items()}, config)
 
+
+def prepare(raw: dict[str, np.ndarray], config: DataConfig) -> None:
+    """Splits the raw arrays (keyed as IDX_FILES) and writes data/prepared with its manifest."""
     order = np.random.default_rng(config.split_seed).permutation(raw["train_images"].shape[0])
     validation_indices, train_indices = order[: config.validation_size], order[config.validation_size :]
     splits = {

@@ -72,18 +72,6 @@ def test_corrupted_model_file(prepared_project):
 
 
 @pytest.mark.slow
-def test_idx_file_with_wrong_magic_number(prepared_project):
-    project, env = prepared_project
-    raw = project / "data/raw/t10k-labels-idx1-ubyte"
-    raw.chmod(0o644)
-    raw.write_bytes(struct.pack(">II", 0x999, 10000) + raw.read_bytes()[8:])
-    result, _ = run_stage_process(project, env, "preprocess")
-    assert result.returncode == 1
-    [line] = error_lines(result.stderr)
-    assert line.startswith("error: preprocess: t10k-labels-idx1-ubyte: wrong IDX magic number 0x00000999")
-
-
-@pytest.mark.slow
 def test_output_directory_that_cannot_be_written(prepared_project, tmp_path):
     project, env = prepared_project
     blocked = project / "data/predictions"

@@ -6,7 +6,8 @@ import sys
 
 import pytest
 
-from pipeline.download import EXPECTED, fetch_verified, mirror_list
+from pipeline.data_io import IDX_SIZE_AND_SHA256
+from pipeline.download import fetch_verified, mirror_list
 from pipeline.errors import PipelineError
 from tests.helpers import TINY, environment, error_lines, make_project, mnist_source, run, written_files
 
@@ -32,18 +33,18 @@ def bad_mirror(tmp_path):
 def test_plain_and_gzipped_files_are_both_accepted(tmp_path, serve_directory):
     (tmp_path / LABELS).write_bytes(gzip.decompress((mnist_source() / f"{LABELS}.gz").read_bytes()))
     data = fetch_verified(LABELS, [serve_directory(tmp_path)], timeout_seconds=5)
-    assert len(data) == EXPECTED[LABELS][0]
+    assert len(data) == IDX_SIZE_AND_SHA256[LABELS][0]
 
 
 def test_checksum_mismatch_falls_back_to_the_next_mirror(bad_mirror, mnist_url, capsys):
     data = fetch_verified(LABELS, mirror_list([str(bad_mirror), mnist_url]), timeout_seconds=5)
-    assert len(data) == EXPECTED[LABELS][0]
+    assert len(data) == IDX_SIZE_AND_SHA256[LABELS][0]
     assert "checksum mismatch" in capsys.readouterr().err
 
 
 def test_unreachable_mirror_falls_back(mnist_url):
     closed_port = "http://127.0.0.1:9/"  # discard port: nothing listens there
-    assert len(fetch_verified(LABELS, [closed_port, mnist_url], timeout_seconds=5)) == EXPECTED[LABELS][0]
+    assert len(fetch_verified(LABELS, [closed_port, mnist_url], timeout_seconds=5)) == IDX_SIZE_AND_SHA256[LABELS][0]
 
 
 @pytest.mark.parametrize(
@@ -62,7 +63,7 @@ def test_bad_payloads_are_named(tmp_path, payload, reason):
 
 def test_every_mirror_bad_fails_in_one_line_and_writes_nothing(tmp_path, bad_mirror, mnist_url):
     project = make_project(tmp_path / "project", TINY + ["download.mirrors=['http://127.0.0.1:9/']"])
-    for name in EXPECTED:  # a mirror with every file tampered the same way as bad_mirror's labels
+    for name in IDX_SIZE_AND_SHA256:  # a mirror with every file tampered the same way as bad_mirror's labels
         if name != LABELS:
             shutil.copy(mnist_source() / f"{name}.gz", bad_mirror)
     env = environment(str(bad_mirror))

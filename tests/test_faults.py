@@ -256,7 +256,7 @@ def test_a_stage_whose_parent_dies_takes_the_interrupted_path(tmp_path):
 def outputs(project: Path) -> dict:
     return {
         path: path.read_bytes()
-        for folder in ("models", "reports", "data/predictions")
+        for folder in ("data/prepared", "models", "reports", "data/predictions")
         for path in written_files(project / folder)
     }
 
@@ -277,6 +277,18 @@ def one_error_line(result: subprocess.CompletedProcess, exit_code: int = 1) -> s
 @pytest.mark.parametrize(
     "stage, damage, expected",
     [
+        (
+            "preprocess",
+            lambda project: os.truncate(project / "data/raw/train-images-idx3-ubyte", 100_000),
+            "data/raw/train-images-idx3-ubyte is damaged (100000 bytes, MNIST's file has 47040016); restore it "
+            "with `dvc checkout --force data/raw` or rebuild it with `dvc repro --force download`",
+        ),
+        (
+            "preprocess",
+            lambda project: flip_a_byte(project / "data/raw/t10k-labels-idx1-ubyte"),
+            "data/raw/t10k-labels-idx1-ubyte is damaged (its content does not match MNIST's SHA-256); restore it "
+            "with `dvc checkout --force data/raw` or rebuild it with `dvc repro --force download`",
+        ),
         (
             "evaluate",
             lambda project: os.truncate(project / "data/prepared/test_images.npy", 5000),
@@ -312,7 +324,15 @@ def one_error_line(result: subprocess.CompletedProcess, exit_code: int = 1) -> s
             "`dvc repro --force train`",
         ),
     ],
-    ids=["truncated-array", "changed-array", "truncated-model", "truncated-predictions", "damaged-run-json"],
+    ids=[
+        "truncated-raw",
+        "changed-raw",
+        "truncated-array",
+        "changed-array",
+        "truncated-model",
+        "truncated-predictions",
+        "damaged-run-json",
+    ],
 )
 def test_a_damaged_file_from_an_earlier_stage_is_one_line_and_the_named_fix_works(
     trained_copy, stage, damage, expected
