@@ -151,6 +151,24 @@ def read_json(path: Path) -> Any:
         raise damaged(path, f"not valid JSON: {error}") from None
 
 
+def read_manifest() -> dict[str, Any]:
+    """data/prepared/manifest.json, as preprocess wrote it: its config, data_hash and splits."""
+    manifest = read_json(MANIFEST_FILE)
+    expected = {"config": dict, "data_hash": str, "splits": dict}
+    if not isinstance(manifest, dict) or not all(isinstance(manifest.get(key), kind) for key, kind in expected.items()):
+        raise damaged(MANIFEST_FILE, "not preprocess's manifest: it needs config, data_hash and splits")
+    return manifest
+
+
+def read_run_id() -> str:
+    """The MLflow run id that train recorded in models/run.json."""
+    content = read_json(RUN_FILE)
+    run_id = content.get("run_id") if isinstance(content, dict) else None
+    if not isinstance(run_id, str) or not run_id:
+        raise damaged(RUN_FILE, 'no MLflow run id under "run_id"')
+    return run_id
+
+
 def damaged(path: Path, reason: str) -> PipelineError:
     """The error for a damaged upstream output: what is wrong, and how to get it back."""
     return PipelineError(f"{path} is damaged ({reason}); {restore_hint(path)}")
@@ -260,7 +278,7 @@ def load_split(split: str) -> tuple[np.ndarray, np.ndarray]:
     images = load_array(PREPARED_DIR / f"{split}_images.npy", "float32", (None, *IMAGE_SHAPE))
     labels = load_array(PREPARED_DIR / f"{split}_labels.npy", "uint8", (len(images),))
     try:
-        expected = read_json(MANIFEST_FILE)["splits"][split]
+        expected = read_manifest()["splits"][split]
         count, sha256 = int(expected["count"]), str(expected["sha256"])
     except (KeyError, TypeError, ValueError) as error:
         raise damaged(MANIFEST_FILE, f"no count and sha256 of the {split} split ({error!r})") from None

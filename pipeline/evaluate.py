@@ -25,14 +25,13 @@ with tensorflow_import_notices_hidden():
 from pipeline.config import PARAMS_FILE, EvaluateConfig, run_stage
 from pipeline.data_io import (
     DIGITS,
-    MANIFEST_FILE,
     METRICS_FILE,
     MODEL_FILE,
     PREDICTIONS_FILE,
     REPORTS_DIR,
     load_model,
     load_split,
-    read_json,
+    read_manifest,
     save_array,
     staged_outputs,
     write_json,
@@ -60,7 +59,7 @@ def evaluate(config: EvaluateConfig) -> None:
         write_json(staged / METRICS_FILE, metrics)
         write_json(staged / REPORT_FILE, report)
         mlflow.log_metrics({key: value for key, value in metrics.items() if value is not None})
-        tracking.log_dataset("test", test_images, test_labels, read_json(MANIFEST_FILE))
+        tracking.log_dataset("test", test_images, test_labels, read_manifest())
         tracking.log_artifacts([staged / METRICS_FILE, staged / REPORT_FILE], "evaluation")
     print(f"evaluate: test accuracy {metrics['test_accuracy']:.4f}, loss {metrics['test_loss']:.4f}", file=sys.stderr)
     explain_difference_from_commit(metrics)

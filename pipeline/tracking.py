@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from pipeline import project_root, runtime
-from pipeline.data_io import PREPARED_DIR, RUN_FILE, TRAINING_INPUTS, read_json
+from pipeline.data_io import PREPARED_DIR, RUN_FILE, TRAINING_INPUTS, read_run_id
 from pipeline.errors import PipelineError, guard, raise_if_interrupted
 
 if TYPE_CHECKING:
@@ -582,7 +582,7 @@ def model_run() -> Iterator["mlflow.ActiveRun"]:
     """Reopens the run of the model in models/run.json, for evaluate and error-analysis."""
     import mlflow
 
-    run_id = read_json(RUN_FILE)["run_id"]
+    run_id = read_run_id()
     with store_faults():
         uri = connect()
         state = run_state(run_id)

@@ -7,12 +7,14 @@ Deterministic on CPU: the same config, seed, data, code and environment give bit
 import contextlib
 import hashlib
 import io
+import json
 import math
 import os
 import shutil
 import sys
 import time
 import types
+import zipfile
 from pathlib import Path
 
 import mlflow
@@ -49,7 +51,6 @@ from pipeline.data_io import (
     CURVES_FILE,
     HISTORY_FILE,
     IMAGE_SHAPE,
-    MANIFEST_FILE,
     MODEL_FILE,
     NUM_CLASSES,
     RUN_FILE,
@@ -58,7 +59,7 @@ from pipeline.data_io import (
     atomic_path,
     load_split,
     pyplot,
-    read_json,
+    read_manifest,
     save_figure,
     staged_outputs,
     write_csv,
@@ -138,17 +139,28 @@ def training_state(model: keras.Model) -> list:
     return [*model.variables, *model.optimizer.variables]
 
 
-def resume(model: keras.Model, directory: Path) -> int:
-    """Restores the training state saved in `directory`; returns the optimizer steps done."""
+def resume(model: keras.Model, directory: Path) -> tuple[int, str | None]:
+    """Restores the training state saved in `directory`: (optimizer steps done, the MLflow run it was
+    logged to), or (0, None) when there is none. A damaged checkpoint is one line: train it anew."""
     checkpoint = directory / CHECKPOINT_NAME
     if not checkpoint.exists():
-        return 0
+        return 0, None
     model.optimizer.build(model.trainable_variables)
-    with np.load(checkpoint, allow_pickle=False) as saved:
-        values = [saved[f"arr_{index}"] for index in range(len(saved.files))]
-    for variable, value in zip(training_state(model), values, strict=True):
+    state = training_state(model)
+    try:
+        with np.load(checkpoint, allow_pickle=False) as saved:
+            values = [saved[f"arr_{index}"] for index in range(len(saved.files))]
+        if [value.shape for value in values] != [tuple(variable.shape) for variable in state]:
+            raise ValueError(f"its {len(values)} arrays do not fit the model's {len(state)} variables")
+        run_id = json.loads((directory / "run.json").read_text(encoding="utf-8"))["run_id"]
+    except (OSError, ValueError, EOFError, KeyError, TypeError, zipfile.BadZipFile) as error:
+        raise PipelineError(
+            f"the checkpoint of an interrupted training in {directory} is damaged ({error!s}); delete it "
+            f"(`rm -r {directory}`) and run again: the training starts over from epoch 1"
+        ) from None
+    for variable, value in zip(state, values, strict=True):
         variable.assign(value)
-    return int(model.optimizer.iterations.numpy())  # optimizer steps: epochs x steps per epoch
+    return int(model.optimizer.iterations.numpy()), run_id  # optimizer steps: epochs x steps per epoch
 
 
 class StopOnNonFiniteLoss(keras.callbacks.Callback):
@@ -280,7 +292,7 @@ def train(model_config: MlpConfig | CnnConfig, train_config: TrainConfig) -> Non
     strategy = set_up(train_config)
     train_images, train_labels = load_split("train")
     validation_images, validation_labels = load_split("validation")
-    manifest = read_json(MANIFEST_FILE)
+    manifest = read_manifest()
     # The data section comes from the manifest: it is what preprocess actually used.
     params = training_params({"data": DataConfig(**manifest["config"]), "model": model_config, "train": train_config})
     run_name, tags = describe_run(model_config, train_config, params, manifest["data_hash"], strategy)
@@ -294,8 +306,8 @@ def train(model_config: MlpConfig | CnnConfig, train_config: TrainConfig) -> Non
     global_batch_size = train_config.batch_size * strategy.num_replicas_in_sync
     steps_per_epoch = -(-len(train_labels) // global_batch_size)
     model = build_compiled_model(model_config, train_config, strategy, steps_per_epoch)
-    first_epoch = resume(model, checkpoint_dir) // steps_per_epoch
-    interrupted_run = read_json(checkpoint_dir / "run.json")["run_id"] if first_epoch else None
+    steps_done, interrupted_run = resume(model, checkpoint_dir)
+    first_epoch = steps_done // steps_per_epoch
     if first_epoch:
         print(f"train: resuming after epoch {first_epoch} from {checkpoint_dir}", file=sys.stderr)
 

@@ -21,7 +21,15 @@ import pytest
 from filelock import FileLock
 
 from pipeline import runtime
-from pipeline.data_io import atomic_write_text, load_array, load_model, read_json, staged_outputs
+from pipeline.data_io import (
+    atomic_write_text,
+    load_array,
+    load_model,
+    read_json,
+    read_manifest,
+    read_run_id,
+    staged_outputs,
+)
 from pipeline.errors import PipelineError, describe_os_error
 from tests.helpers import MAKE, REPO, environment, error_lines, make_project, run, run_stage_process, written_files
 from tests.test_interrupt import SLOW
@@ -74,6 +82,22 @@ def test_damaged_json_and_model_name_the_stage_that_writes_them(checkout):
     Path("models/run.json").write_text('{"run_id": ')
     with pytest.raises(PipelineError, match=r"^models/run.json is damaged \(not valid JSON: .*\); restore it with "):
         read_json(Path("models/run.json"))
+    Path("models/run.json").write_text('{"experiment_id": "1"}')  # valid JSON, without the run
+    with pytest.raises(PipelineError) as raised:
+        read_run_id()
+    assert str(raised.value) == (
+        'models/run.json is damaged (no MLflow run id under "run_id"); restore it with '
+        "`dvc checkout --force models/run.json` or rebuild it with `dvc repro --force train`"
+    )
+    Path("data/prepared").mkdir(parents=True)
+    Path("data/prepared/manifest.json").write_text('{"splits": {}}')
+    with pytest.raises(PipelineError) as raised:
+        read_manifest()
+    assert str(raised.value) == (
+        "data/prepared/manifest.json is damaged (not preprocess's manifest: it needs config, data_hash and "
+        "splits); restore it with `dvc checkout --force data/prepared` or rebuild it with "
+        "`dvc repro --force preprocess`"
+    )
     Path("models/model.keras").write_bytes(b"PK\x03\x04 truncated")
     with pytest.raises(PipelineError) as raised:
         load_model(Path("models/model.keras"))

@@ -1,4 +1,8 @@
-"""The train stage's fused kernels: Keras's Adam and BatchNormalization, each one TensorFlow kernel."""
+"""The train stage's parts: fused kernels (Keras's Adam and BatchNormalization, each one TensorFlow
+kernel), run names, logged figures and the checkpoint a killed training resumes from."""
+
+import json
+import os
 
 import keras
 import numpy as np
@@ -6,7 +10,16 @@ import pytest
 import tensorflow as tf
 
 from pipeline.config import compose, training_params, validate
-from pipeline.train import as_float32_decimal, fused_adam, run_name, with_fused_batch_normalization
+from pipeline.errors import PipelineError
+from pipeline.train import (
+    CHECKPOINT_NAME,
+    EpochCheckpoint,
+    as_float32_decimal,
+    fused_adam,
+    resume,
+    run_name,
+    with_fused_batch_normalization,
+)
 
 
 def after_adam_steps(optimizer: keras.optimizers.Adam) -> list[np.ndarray]:
@@ -106,3 +119,52 @@ def test_run_names_say_the_setting_what_differs_and_the_seed(overrides, name):
 def test_keras_float32_metrics_are_logged_as_their_shortest_decimal(value):
     logged = as_float32_decimal(float(np.float32(value)))  # what Keras hands over: a float32 widened
     assert np.float32(logged) == np.float32(value) and repr(logged) == str(np.float32(value))
+
+
+def tiny_model(units: int = 3) -> keras.Model:
+    model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(units, activation="softmax")])
+    model.compile(optimizer=fused_adam(0.01), loss="sparse_categorical_crossentropy")
+    return model
+
+
+def checkpoint_of_a_fitted_model(folder, units: int = 3) -> keras.Model:
+    """Fits a tiny model for two steps and checkpoints it into folder, as after an epoch."""
+    model = tiny_model(units)
+    model.fit(np.ones((8, 4), "float32"), np.zeros(8, "int32"), batch_size=4, verbose=0)
+    checkpoint = EpochCheckpoint(folder)
+    checkpoint.set_model(model)
+    checkpoint.on_epoch_end(0)
+    return model
+
+
+def test_a_checkpoint_restores_the_training_state_and_its_run(tmp_path):
+    trained = checkpoint_of_a_fitted_model(tmp_path)
+    (tmp_path / "run.json").write_text(json.dumps({"run_id": "abc"}))
+    resumed = tiny_model()
+    assert resume(resumed, tmp_path) == (2, "abc")  # two steps of 4
+    for ours, theirs in zip(resumed.get_weights(), trained.get_weights(), strict=True):
+        np.testing.assert_array_equal(ours, theirs)
+    assert resume(tiny_model(), tmp_path / "none") == (0, None)
+
+
+@pytest.mark.parametrize(
+    "damage, reason",
+    [
+        (lambda folder: os.truncate(folder / CHECKPOINT_NAME, 100), "File is not a zip file"),
+        (lambda folder: (folder / "run.json").write_text("{}"), "'run_id'"),
+        (lambda folder: (folder / "run.json").unlink(), "No such file or directory"),
+        (lambda folder: checkpoint_of_a_fitted_model(folder, units=5), "do not fit the model's"),
+    ],
+    ids=["truncated", "no-run-id", "no-run-file", "other-model"],
+)
+def test_a_damaged_checkpoint_is_one_line_naming_the_fix(tmp_path, damage, reason):
+    checkpoint_of_a_fitted_model(tmp_path)
+    (tmp_path / "run.json").write_text(json.dumps({"run_id": "abc"}))
+    damage(tmp_path)
+    with pytest.raises(PipelineError) as raised:
+        resume(tiny_model(), tmp_path)
+    assert str(raised.value).startswith(f"the checkpoint of an interrupted training in {tmp_path} is damaged (")
+    assert reason in str(raised.value)
+    assert str(raised.value).endswith(
+        f"; delete it (`rm -r {tmp_path}`) and run again: the training starts over from epoch 1"
+    )
