@@ -34,11 +34,12 @@ flag = $(if $(filter 1 yes true,$(call given,$(1))),$(2))
 help:
 	@sed -n 's/^## //p' $(MAKEFILE_LIST) | sed 's/$$(HOST)/$(HOST)/g; s/$$(PORT)/$(PORT)/g; s/$$(SERVE_PORT)/$(SERVE_PORT)/g'
 
-## run: the whole pipeline (`dvc repro`: conf/ composed into params.yaml when it changed, then the five stages)
-# Checked first, for the one-line refusal: a bare `dvc repro` beside a running one stops at DVC's stage
-# lock, with DVC's message.
+## run: the whole pipeline (`dvc repro`: conf/ composed into params.yaml when it changed, then the five stages);
+##   OVERRIDES="key=value ..." composes conf/ with them first, as `make params` does
+# The checkout is checked first (composing checks it too), for the one-line refusal: a bare `dvc repro`
+# beside a running one stops at DVC's stage lock, with DVC's message.
 run: $(INSTALLED)
-	python -m pipeline.config --check-free
+	python -m pipeline.config $(if $(OVERRIDES),$(OVERRIDES),--check-free)
 	dvc repro
 
 ## warm: start the warm process now and wait until it is ready (stages start one themselves unless

@@ -114,15 +114,34 @@ def test_the_committed_dvc_lock_matches_the_committed_code_and_params(mnist_url)
         ("train.epochs=0", "train.epochs must be >= 1, got 0"),
     ],
 )
-def test_make_params_refuses_a_bad_override_in_one_line(tmp_path, mnist_url, override, message):
+@pytest.mark.parametrize("target", ["params", "run"])
+def test_make_params_and_run_refuse_a_bad_override_in_one_line(tmp_path, mnist_url, override, message, target):
     project = make_project(tmp_path)
     before = (project / "params.yaml").read_bytes()
-    result = run(project, [*MAKE, "params", f"OVERRIDES={override}"], environment(mnist_url), check=False)
+    result = run(project, [*MAKE, target, f"OVERRIDES={override}"], environment(mnist_url), check=False)
     assert result.returncode != 0
     [line] = error_lines(result.stderr)
     assert line.startswith("error: params: ") and message in line, line
     assert "Traceback" not in result.stderr
     assert (project / "params.yaml").read_bytes() == before
+    assert not (project / "data/raw").exists()  # `make run` started no stage
+
+
+@pytest.mark.slow
+def test_make_run_with_overrides_composes_them_then_runs_the_pipeline(tmp_path, mnist_url):
+    project = make_project(tmp_path)
+    overrides = "data.limit=300 train.epochs=1 train.seed=3"
+    result = run(project, [*MAKE, "run", f"OVERRIDES={overrides}"], environment(mnist_url))
+    assert "Results: test accuracy" in result.stderr
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    assert params["train"]["seed"] == 3 and params["data"]["limit"] == 300
+    header = (project / "params.yaml").read_text().partition("\n")[0]
+    assert all(override in header for override in overrides.split()), header  # recorded for the params stage
+    mlflow.set_tracking_uri(f"sqlite:///{project / 'mlflow.db'}")
+    [trained] = mlflow.search_runs(experiment_names=["mnist"], output_format="list")
+    assert trained.info.status == "FINISHED" and trained.data.params["train.seed"] == "3"
+    again = run(project, [*MAKE, "run"], environment(mnist_url))  # the overrides stay until `make params`
+    assert "Running stage" not in again.stdout
 
 
 def test_make_help_shows_the_values_it_will_use():
