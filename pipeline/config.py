@@ -449,6 +449,7 @@ def reset() -> None:
     """
     from dvc.repo import Repo
 
+    runtime.claim_checkout_to_compose()  # not under a dvc run in progress: it would fail on what changed
     with Repo() as repo:
         # Outputs DVC does not cache (params.yaml, the metrics files) are committed to git instead.
         in_git = sorted({str(out) for stage in repo.index.stages for out in stage.outs if not out.use_cache})

@@ -200,17 +200,22 @@ def test_a_claim_held_by_a_stopped_process_is_one_line_not_a_hang(checkout, monk
         holder.wait()
 
 
-def test_make_params_is_refused_while_a_dvc_run_holds_the_checkout(checkout, tmp_path, monkeypatch):
-    """`make params` would rewrite params.yaml under the run: refused before it writes, and it claims nothing."""
+def test_make_params_and_reset_are_refused_while_a_dvc_run_holds_the_checkout(checkout, tmp_path, monkeypatch):
+    """`make params` and `make reset` would rewrite params.yaml (reset: outputs too) under the run: refused
+    before they write, and they claim nothing."""
+    from pipeline.config import reset
+
     first = fake_dvc(tmp_path, "repro")
     try:
         monkeypatch.setenv("DVC_STAGE", "train")
         runtime.claim_checkout(psutil.Process(first.pid))
         monkeypatch.delenv("DVC_STAGE")
         claim = runtime.CHECKOUT_RUN_FILE.read_text()
-        with pytest.raises(PipelineError, match=rf"^`dvc repro` \(pid {first.pid}\) is running in this checkout"):
-            runtime.claim_checkout_to_compose()
+        for refused in (runtime.claim_checkout_to_compose, reset):
+            with pytest.raises(PipelineError, match=rf"^`dvc repro` \(pid {first.pid}\) is running in this checkout"):
+                refused()
         assert runtime.CHECKOUT_RUN_FILE.read_text() == claim
+        assert Path("params.yaml").read_text() == "train:\n  seed: 1\n"
     finally:
         first.kill()
         first.wait()
