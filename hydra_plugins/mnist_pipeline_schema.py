@@ -13,6 +13,7 @@ pipeline.config.compose gives the same line without it.
 
 import sys
 
+import yaml
 from hydra._internal.config_loader_impl import ConfigLoaderImpl
 from hydra.errors import HydraException
 from omegaconf import OmegaConf
@@ -44,7 +45,7 @@ def load_configuration_checked(self, config_name, overrides, *arguments, **optio
             raise _refusal(error) from None
     try:
         composed = _load_configuration(self, config_name, overrides, *arguments, **options)
-    except (HydraException, OmegaConfBaseException) as error:
+    except (HydraException, OmegaConfBaseException, yaml.YAMLError) as error:
         raise _refusal(config.composition_error(overrides, error)) from None
     try:
         config.validate(OmegaConf.masked_copy(composed, [key for key in composed if key != "hydra"]))

@@ -313,6 +313,7 @@ def training_hash(overrides: list[str], without_seed: bool = False) -> str:
 
 def compose(overrides: list[str] = (), conf_dir: Path = CONF_DIR) -> DictConfig:
     """Composes conf/ exactly as `dvc exp run` does (dvc.utils.hydra.compose_and_dump), and validates it."""
+    import yaml
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
     from hydra.errors import HydraException
@@ -320,7 +321,7 @@ def compose(overrides: list[str] = (), conf_dir: Path = CONF_DIR) -> DictConfig:
     try:
         with initialize_config_dir(str(Path(conf_dir).resolve()), version_base=None):
             composed = hydra_compose(config_name="config", overrides=list(overrides))
-    except (HydraException, OmegaConfBaseException) as error:
+    except (HydraException, OmegaConfBaseException, yaml.YAMLError) as error:
         raise composition_error(overrides, error) from None
     OmegaConf.resolve(composed)
     try:
@@ -332,8 +333,17 @@ def compose(overrides: list[str] = (), conf_dir: Path = CONF_DIR) -> DictConfig:
 
 def composition_error(overrides: list[str], error: Exception) -> PipelineError:
     """The one line for conf/ plus overrides that Hydra or the schema refuses (also hydra_plugins/' in DVC)."""
+    import yaml
+
     # Hydra's list of where it looked for a missing config names its internals, not the user's mistake.
     reason = " ".join(str(error).split()).split(" Config search path:")[0]
+    if isinstance(error, yaml.MarkedYAMLError) and error.problem_mark:  # a file of conf/ that YAML cannot read
+        mark = error.problem_mark
+        where = os.path.relpath(mark.name) if os.path.isabs(mark.name) else mark.name
+        reason = (
+            f"{where} is not valid YAML (line {mark.line + 1}, column {mark.column + 1}: {error.problem}); "
+            "fix it, or drop your edits with `git checkout conf/`"
+        )
     unknown = re.match(r"Could not override '(([^'.]+)\.[^']+)'", reason)
     if unknown and unknown[2] in SECTIONS:  # Hydra's hint (append with +) would fail the schema
         schemas = [SECTIONS[unknown[2]]] if SECTIONS[unknown[2]] else list(MODELS.values())

@@ -579,10 +579,17 @@ def run_state(run_id: str) -> str:
 
 @contextmanager
 def model_run() -> Iterator["mlflow.ActiveRun"]:
-    """Reopens the run of the model in models/run.json, for evaluate and error-analysis."""
+    """Reopens the run of the model in models/run.json, for evaluate and error-analysis.
+
+    Only while params.yaml is still the one this dvc run started with, checked after models/run.json is
+    read: a `dvc exp apply` or `dvc checkout` between two stages puts back another model's run.json
+    (after params.yaml), and its run, finished long ago, must not be reopened, logged into and failed.
+    """
     import mlflow
 
     run_id = read_run_id()
+    if changed := runtime.params_changed():
+        raise PipelineError(f"{changed}; MLflow run {run_id} (from {RUN_FILE}) is left as it was")
     with store_faults():
         uri = connect()
         state = run_state(run_id)

@@ -172,6 +172,35 @@ def test_a_second_dvc_run_in_a_checkout_is_refused_until_the_first_ends(checkout
             process.wait()
 
 
+def test_a_stage_does_not_reopen_a_run_once_params_changed_under_its_dvc(checkout, tmp_path, monkeypatch):
+    """A `dvc exp apply` between train and evaluate puts back an older model's params.yaml and run.json:
+    evaluate stops before it reopens that run, which stays FINISHED with nothing logged."""
+    from pipeline import tracking
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    mlflow.set_tracking_uri(os.environ["MLFLOW_TRACKING_URI"])
+    with mlflow.start_run() as older:
+        mlflow.log_metric("test_accuracy", 0.9)
+    before = mlflow.get_run(older.info.run_id).info
+    Path("models").mkdir()
+    Path("models/run.json").write_text(json.dumps({"run_id": older.info.run_id}))
+    monkeypatch.setenv("DVC_STAGE", "evaluate")
+    dvc = fake_dvc(tmp_path, "repro")
+    try:
+        runtime.claim_checkout(psutil.Process(dvc.pid))
+        Path("params.yaml").write_text("train:\n  seed: 2\n")  # the applied experiment's
+        with pytest.raises(PipelineError) as raised, tracking.model_run():
+            pass
+        assert str(raised.value).startswith(f"params.yaml changed while this dvc run (pid {dvc.pid}) was running")
+        assert str(raised.value).endswith(f"; MLflow run {older.info.run_id} (from models/run.json) is left as it was")
+    finally:
+        dvc.kill()
+        dvc.wait()
+    after = mlflow.get_run(older.info.run_id).info
+    assert (after.status, after.end_time) == ("FINISHED", before.end_time)
+    assert mlflow.MlflowClient().list_artifacts(older.info.run_id) == []
+
+
 def test_a_claim_held_by_a_stopped_process_is_one_line_not_a_hang(checkout, monkeypatch):
     """A stage paused with Ctrl-Z while it held the claim's lock: the next claim waits, then says so."""
     runtime.CHECKOUT_RUN_FILE.parent.mkdir(parents=True)
