@@ -75,6 +75,7 @@ class DataConfig:
     def __post_init__(self) -> None:
         _check(0 < self.validation_size < 60_000, "data.validation_size", "between 1 and 59999", self.validation_size)
         _check(self.limit is None or self.limit >= 1, "data.limit", "null or >= 1", self.limit)
+        _check(self.split_seed >= 0, "data.split_seed", ">= 0", self.split_seed)  # NumPy's generators' seeds
 
 
 @dataclass
@@ -118,6 +119,9 @@ DISTRIBUTIONS = ("single", "mirrored")
 SCHEDULES = ("constant", "warmup_cosine")
 
 
+MAX_SEED = 2**32 - 1
+
+
 @dataclass
 class TrainConfig:
     learning_rate: float = MISSING
@@ -134,6 +138,8 @@ class TrainConfig:
         _check(self.learning_rate > 0, "train.learning_rate", "> 0", self.learning_rate)
         _check(self.batch_size >= 1, "train.batch_size", ">= 1", self.batch_size)
         _check(self.epochs >= 1, "train.epochs", ">= 1", self.epochs)
+        # keras.utils.set_random_seed's range (it seeds Python's, NumPy's and TensorFlow's generators).
+        _check(0 <= self.seed <= MAX_SEED, "train.seed", f"between 0 and {MAX_SEED}", self.seed)
         _check(self.schedule in SCHEDULES, "train.schedule", f"one of {', '.join(SCHEDULES)}", self.schedule)
         _check(self.steps_per_execution >= 1, "train.steps_per_execution", ">= 1", self.steps_per_execution)
         _check(

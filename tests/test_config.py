@@ -1,6 +1,8 @@
 """Configuration: params.yaml is conf/'s composition, and every bad value is refused up front."""
 
+import os
 import re
+import shutil
 import sys
 
 import pytest
@@ -66,11 +68,27 @@ def test_model_group_switches_the_model():
         ("data.limit=2.5", "data.limit must be an integer or null, got 2.5"),
         ("model=cnn model.filters=[16,32.5]", "model.filters must be a list of integers, got [16, 32.5]"),
         ("train.epoch=3", "unknown key 'train.epoch'; allowed in train: learning_rate, batch_size, epochs,"),
+        ("train.seed=-1", "train.seed must be between 0 and 4294967295, got -1"),
+        ("train.seed=4294967296", "train.seed must be between 0 and 4294967295, got 4294967296"),
+        ("data.split_seed=-1", "data.split_seed must be >= 0, got -1"),
     ],
 )
 def test_bad_values_are_refused_with_the_key_named(override, message):
     with pytest.raises(PipelineError, match=re.escape(message)):
         validate(compose(override.split()))
+
+
+def test_a_file_of_conf_that_is_not_yaml_is_named_with_its_line(tmp_path):
+    conf = shutil.copytree(REPO / "conf", tmp_path / "conf")
+    (conf / "config.yaml").write_text((conf / "config.yaml").read_text() + "train: [oops\n")
+    with pytest.raises(PipelineError) as raised:
+        compose(conf_dir=conf)
+    lines = (conf / "config.yaml").read_text().count("\n")
+    assert str(raised.value) == (
+        f"cannot compose conf/ with no overrides: {os.path.relpath(conf / 'config.yaml')} is not valid YAML "
+        f"(line {lines + 1}, column 1: expected ',' or ']', but got '<stream end>'); fix it, or drop your edits "
+        "with `git checkout conf/`"
+    )
 
 
 def test_ints_stand_for_floats_and_null_for_optional_values():
