@@ -12,6 +12,7 @@ import sys
 import threading
 import traceback
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 
@@ -71,9 +72,21 @@ def describe_os_error(error: OSError) -> str:
         return f"{path} not found ({reason}); check the path, or run `dvc repro` to produce it"
     if isinstance(error, PermissionError):
         return f"no permission to use {path} ({reason}); check its owner and mode"
+    if isinstance(error, NotADirectoryError):
+        path = file_above(path)
     if isinstance(error, (FileExistsError, NotADirectoryError, IsADirectoryError)):
         return f"{path} is in the way ({reason}); a file stands where a folder is needed, or the reverse"
     return f"cannot use {path} ({reason})"
+
+
+def file_above(path: str) -> str:
+    """The file that stands where a folder of `path` is needed (the one to move), as the user would
+    type it: relative to the working directory when inside it. `path` itself when there is none."""
+    for folder in reversed(Path(path).parents):  # from the top down
+        if folder.exists() and not folder.is_dir():
+            inside = not folder.is_absolute() or folder.is_relative_to(Path.cwd())
+            return os.path.relpath(folder) if inside else str(folder)
+    return path
 
 
 def fail(command: str, message: str, exit_code: int = 1) -> None:

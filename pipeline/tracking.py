@@ -87,7 +87,7 @@ def connect(existing: bool = False) -> str:
         check_login(uri)
     elif uri.startswith("sqlite:///"):
         path = Path(uri.removeprefix("sqlite:///"))
-        if existing and (not path.is_file() or path.stat().st_size == 0):
+        if existing and no_sqlite_store(uri):
             raise PipelineError(
                 f"no tracking store at {path} ({uri}), so no run to read; log runs first (`dvc repro`, "
                 "`make sweep`), or point MLFLOW_TRACKING_URI at the store that holds them"
@@ -97,6 +97,12 @@ def connect(existing: bool = False) -> str:
         open_sqlite_store(path, uri)
     mlflow.set_tracking_uri(uri)
     return uri
+
+
+def no_sqlite_store(uri: str) -> bool:
+    """Whether `uri` names a SQLite store whose file is not there (or empty): MLflow would create it."""
+    path = Path(uri.removeprefix("sqlite:///"))
+    return uri.startswith("sqlite:///") and (not path.is_file() or path.stat().st_size == 0)
 
 
 def open_sqlite_store(path: Path, uri: str) -> None:
@@ -590,6 +596,11 @@ def model_run() -> Iterator["mlflow.ActiveRun"]:
     run_id = read_run_id()
     if changed := runtime.params_changed():
         raise PipelineError(f"{changed}; MLflow run {run_id} (from {RUN_FILE}) is left as it was")
+    if no_sqlite_store(uri := tracking_uri()):
+        raise PipelineError(
+            f"MLflow run {run_id} (from {RUN_FILE}) cannot be in {uri}: there is no store there; point "
+            "MLFLOW_TRACKING_URI at the store that holds it, or retrain with `dvc repro --force train`"
+        )
     with store_faults():
         uri = connect()
         state = run_state(run_id)

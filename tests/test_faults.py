@@ -201,6 +201,22 @@ def test_a_stage_does_not_reopen_a_run_once_params_changed_under_its_dvc(checkou
     assert mlflow.MlflowClient().list_artifacts(older.info.run_id) == []
 
 
+def test_a_stage_that_finds_no_store_says_so_and_creates_none(checkout, tmp_path, monkeypatch):
+    from pipeline import tracking
+
+    store = tmp_path / "moved-away" / "mlflow.db"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{store}")
+    Path("models").mkdir()
+    Path("models/run.json").write_text(json.dumps({"run_id": "8191e447"}))
+    with pytest.raises(PipelineError) as raised, tracking.model_run():
+        pass
+    assert str(raised.value) == (
+        f"MLflow run 8191e447 (from models/run.json) cannot be in sqlite:///{store}: there is no store there; "
+        "point MLFLOW_TRACKING_URI at the store that holds it, or retrain with `dvc repro --force train`"
+    )
+    assert not store.parent.exists()
+
+
 def test_a_claim_held_by_a_stopped_process_is_one_line_not_a_hang(checkout, monkeypatch):
     """A stage paused with Ctrl-Z while it held the claim's lock: the next claim waits, then says so."""
     runtime.CHECKOUT_RUN_FILE.parent.mkdir(parents=True)

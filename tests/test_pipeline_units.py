@@ -338,6 +338,18 @@ def test_os_errors_are_told_apart(tmp_path):
     assert os.strerror(9) in lines["other"]
 
 
+def test_the_file_in_the_way_is_the_one_named(tmp_path, monkeypatch):
+    """A file where a folder is needed is named itself, not the path below it that could not be made."""
+    from pipeline.errors import describe_os_error
+
+    monkeypatch.chdir(tmp_path)
+    Path(".train-checkpoints").write_text("")
+    below = oserror(lambda: Path(".train-checkpoints/958547d4/last-epoch.npz").write_text(""))
+    assert describe_os_error(below).startswith(".train-checkpoints is in the way (")
+    absolute = oserror(lambda: (tmp_path / ".train-checkpoints/958547d4").mkdir(parents=True))
+    assert describe_os_error(absolute).startswith(".train-checkpoints is in the way (")
+
+
 # Outputs land whole or not at all.
 
 
