@@ -117,9 +117,7 @@ SETTINGS = ["default", "lr_x10", "batch_x10", "epochs_x10", "tuned", "cnn"]
 TUNED_PRESET = CONF_DIR / "experiment" / "tuned.yaml"
 DISTRIBUTIONS = ("single", "mirrored")
 SCHEDULES = ("constant", "warmup_cosine")
-
-
-MAX_SEED = 2**32 - 1
+MAX_SEED = 2**32 - 1  # keras.utils.set_random_seed's largest (it seeds Python's, NumPy's and TensorFlow's generators)
 
 
 @dataclass
@@ -138,7 +136,6 @@ class TrainConfig:
         _check(self.learning_rate > 0, "train.learning_rate", "> 0", self.learning_rate)
         _check(self.batch_size >= 1, "train.batch_size", ">= 1", self.batch_size)
         _check(self.epochs >= 1, "train.epochs", ">= 1", self.epochs)
-        # keras.utils.set_random_seed's range (it seeds Python's, NumPy's and TensorFlow's generators).
         _check(0 <= self.seed <= MAX_SEED, "train.seed", f"between 0 and {MAX_SEED}", self.seed)
         _check(self.schedule in SCHEDULES, "train.schedule", f"one of {', '.join(SCHEDULES)}", self.schedule)
         _check(self.steps_per_execution >= 1, "train.steps_per_execution", ">= 1", self.steps_per_execution)
