@@ -69,10 +69,27 @@ def logged_model(run_id: str) -> "mlflow.entities.LoggedModel":
     return models[0]
 
 
+def check_loadable(uri: str) -> None:
+    """One line when MLflow cannot find the model at `uri` (a registered name or alias that is not
+    there, files gone from the artifact store), before a server or the registry is pointed at it."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        mlflow.models.get_model_info(uri)
+    except MlflowException as error:
+        reason = " ".join(error.message.split())
+        raise PipelineError(
+            f"no model to load at {uri} ({reason}); serve a finished training run's model (`make serve "
+            f"RUN=<run id>`, `make ui` lists them), or register one first (`make promote RUN=<run id>`)"
+        ) from None
+
+
 @tracking.store_faults()
 def serve(run_id: str | None, model: str | None, host: str, port: int) -> None:
+    tracking.check_port_free(host, port, "the model", "serve")
     tracking.connect(existing=True)
     uri = model_uri(run_id, model)
+    check_loadable(uri)
     print(f"serve: {uri} on http://{host}:{port}/invocations (Ctrl-C stops it)", file=sys.stderr)
     sys.stdout.flush()
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
@@ -109,6 +126,7 @@ def promote(run_id: str | None) -> None:
             f"run {run_id} has no test accuracy (evaluate did not finish in it); promote an evaluated run, "
             "or finish this one with `dvc repro`"
         )
+    check_loadable(model.model_uri)
     version = mlflow.register_model(model.model_uri, REGISTERED_MODEL, tags=version_tags(run))
     client = mlflow.MlflowClient()
     client.update_model_version(REGISTERED_MODEL, version.version, description=version_description(run))

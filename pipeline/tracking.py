@@ -48,9 +48,21 @@ RESULT_INPUTS = (
 )
 
 
-def tracking_uri() -> str:
+# The stores the project checks and tests: a SQLite file (its own, mlflow.db), a tracking server, or a
+# database MLflow's SQLAlchemy store takes. MLflow 3.17 no longer writes file stores (file:, a bare path).
+STORE_SCHEMES = ("sqlite:///", "http://", "https://", "postgresql", "mysql", "mssql")
 
-    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{project_root() / 'mlflow.db'}"
+
+def tracking_uri() -> str:
+    """MLFLOW_TRACKING_URI, else the project's own SQLite store; one line when it names no store we can use."""
+    uri = os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{project_root() / 'mlflow.db'}"
+    if not uri.startswith(STORE_SCHEMES):
+        raise PipelineError(
+            f"MLFLOW_TRACKING_URI={uri} is not a tracking store this project can use: give sqlite:///<path to a "
+            "file>, a tracking server's http(s):// address, or a postgresql:// database, or unset it for the "
+            f"project's own store (sqlite:///{project_root() / 'mlflow.db'})"
+        )
+    return uri
 
 
 def is_server(uri: str) -> bool:
@@ -653,19 +665,26 @@ def log_artifacts(paths: list[Path], artifact_path: str) -> None:
     print(f"tracking: logged {len(paths)} artifacts to run {mlflow.active_run().info.run_id}", file=sys.stderr)
 
 
-@store_faults()
-def runs_url(host: str, port: int) -> str:
-    """`make ui`, before starting the UI: checks that the port is free; the runs table's link."""
+def check_port_free(host: str, port: int, what: str, target: str) -> None:
+    """Before a server starts (`make ui`, `make serve`): one line when it could not listen on host:port."""
     import socket
 
+    if not 0 < port < 65536:
+        raise PipelineError(f"PORT must be between 1 and 65535, got {port}")
     with socket.socket() as probe:
         try:
             probe.bind((host, port))
         except OSError as error:
             raise PipelineError(
-                f"cannot serve the UI on {host}:{port} ({error.strerror}); stop what uses the "
-                f"port (another `make ui`?) or choose another: `make ui PORT={port + 1}`"
+                f"cannot serve {what} on {host}:{port} ({error.strerror}); stop what uses the "
+                f"port (another `make {target}`?) or choose another: `make {target} PORT={port + 1}`"
             ) from None
+
+
+@store_faults()
+def runs_url(host: str, port: int) -> str:
+    """`make ui`, before starting the UI: checks that the port is free; the runs table's link."""
+    check_port_free(host, port, "the UI", "ui")
     connect()
     return f"Training runs: http://{host}:{port}/{runs_path(experiment_id())}"
 
