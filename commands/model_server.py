@@ -69,7 +69,14 @@ def logged_model(run_id: str) -> "mlflow.entities.LoggedModel":
     return models[0]
 
 
-def check_loadable(uri: str) -> None:
+SERVE_ANOTHER = (
+    "serve a finished training run's model (`make serve RUN=<run id>`, `make ui` lists them), or register one "
+    "first (`make promote RUN=<run id>`)"
+)
+PROMOTE_ANOTHER = "promote another run (`make ui` lists them), or train a new one with `dvc repro --force train`"
+
+
+def check_loadable(uri: str, fix: str) -> None:
     """One line when MLflow cannot find the model at `uri` (a registered name or alias that is not
     there, files gone from the artifact store), before a server or the registry is pointed at it."""
     from mlflow.exceptions import MlflowException
@@ -77,11 +84,7 @@ def check_loadable(uri: str) -> None:
     try:
         mlflow.models.get_model_info(uri)
     except MlflowException as error:
-        reason = " ".join(error.message.split())
-        raise PipelineError(
-            f"no model to load at {uri} ({reason}); serve a finished training run's model (`make serve "
-            f"RUN=<run id>`, `make ui` lists them), or register one first (`make promote RUN=<run id>`)"
-        ) from None
+        raise PipelineError(f"no model to load at {uri} ({' '.join(error.message.split())}); {fix}") from None
 
 
 @tracking.store_faults()
@@ -89,7 +92,7 @@ def serve(run_id: str | None, model: str | None, host: str, port: int) -> None:
     tracking.check_port_free(host, port, "the model", "serve")
     tracking.connect(existing=True)
     uri = model_uri(run_id, model)
-    check_loadable(uri)
+    check_loadable(uri, SERVE_ANOTHER)
     print(f"serve: {uri} on http://{host}:{port}/invocations (Ctrl-C stops it)", file=sys.stderr)
     sys.stdout.flush()
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
@@ -126,7 +129,7 @@ def promote(run_id: str | None) -> None:
             f"run {run_id} has no test accuracy (evaluate did not finish in it); promote an evaluated run, "
             "or finish this one with `dvc repro`"
         )
-    check_loadable(model.model_uri)
+    check_loadable(model.model_uri, PROMOTE_ANOTHER)
     version = mlflow.register_model(model.model_uri, REGISTERED_MODEL, tags=version_tags(run))
     client = mlflow.MlflowClient()
     client.update_model_version(REGISTERED_MODEL, version.version, description=version_description(run))

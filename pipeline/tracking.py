@@ -59,8 +59,8 @@ def tracking_uri() -> str:
     if not uri.startswith(STORE_SCHEMES):
         raise PipelineError(
             f"MLFLOW_TRACKING_URI={uri} is not a tracking store this project can use: give sqlite:///<path to a "
-            "file>, a tracking server's http(s):// address, or a postgresql:// database, or unset it for the "
-            f"project's own store (sqlite:///{project_root() / 'mlflow.db'})"
+            f"file> or a tracking server's http(s):// address, or unset it for the project's own store "
+            f"(sqlite:///{project_root() / 'mlflow.db'})"
         )
     return uri
 

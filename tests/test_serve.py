@@ -3,6 +3,9 @@ its data visible as MLflow datasets."""
 
 import hashlib
 import json
+import shutil
+import socket
+from pathlib import Path
 
 import mlflow
 import numpy as np
@@ -55,6 +58,41 @@ def test_promote_without_a_run_is_one_line(trained):
     assert error_lines(result.stderr) == [
         "error: promote: name the run to promote: `make promote RUN=<run id>` (`make ui` lists them)"
     ]
+
+
+def test_serve_and_promote_mistakes_are_one_line_and_start_nothing(trained):
+    project, env, tracked = trained
+    [logged] = mlflow.search_logged_models(experiment_ids=[tracked.info.experiment_id], output_format="list")
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        busy = taken.getsockname()[1]
+        cases = [  # (make's arguments, the environment's changes, the start of the one line)
+            (
+                ["MODEL=models:/mnist-classifier@champion"],
+                {},
+                "no model to load at models:/mnist-classifier@champion (Registered Model with name=mnist-classifier "
+                "not found); serve a finished training run's model",
+            ),
+            (
+                [f"PORT={busy}"],
+                {},
+                f"cannot serve the model on 127.0.0.1:{busy} (Address already in use); stop what uses the port "
+                f"(another `make serve`?) or choose another: `make serve PORT={busy + 1}`",
+            ),
+            (["PORT=99999"], {}, "PORT must be between 1 and 65535, got 99999"),
+            ([], {"MLFLOW_TRACKING_URI": "foo"}, "MLFLOW_TRACKING_URI=foo is not a tracking store this project can"),
+        ]
+        for arguments, changes, expected in cases:
+            result = run(project, [*MAKE, "serve", *arguments], {**env, **changes}, check=False, timeout=120)
+            [line] = error_lines(result.stderr)
+            assert line.startswith(f"error: serve: {expected}"), line
+    # A model whose files are gone from the artifact store is neither served nor promoted.
+    shutil.rmtree(Path(logged.artifact_location.removeprefix("file://")))
+    for target in ("serve", "promote"):
+        result = run(project, [*MAKE, target, f"RUN={tracked.info.run_id}"], env, check=False, timeout=120)
+        [line] = error_lines(result.stderr)
+        assert line.startswith(f"error: {target}: no model to load at models:/{logged.model_id} (No such artifact")
+    assert mlflow.search_registered_models() == []  # no alias points at a model that cannot load
 
 
 def test_the_data_splits_are_mlflow_datasets(trained):
