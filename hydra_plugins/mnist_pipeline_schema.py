@@ -12,6 +12,7 @@ pipeline.config.compose gives the same line without it.
 """
 
 import sys
+from pathlib import Path
 
 import yaml
 from hydra._internal.config_loader_impl import ConfigLoaderImpl
@@ -34,12 +35,26 @@ def _refusal(error: PipelineError) -> PipelineError:
     return type("ConfRefused", (PipelineError, InvalidArgumentError), {})(str(error))
 
 
+def _check_at_the_root() -> None:
+    """DVC composes into the working directory's params.yaml: from a subfolder of the project (conf/, say)
+    it would write conf/params.yaml, and then refuse that folder's missing dvc.yaml in other words."""
+    here = Path.cwd()
+    if (here / ".dvc").is_dir():
+        return
+    root = next((folder for folder in here.parents if (folder / ".dvc").is_dir()), None)
+    if root is not None:
+        raise PipelineError(
+            f"run `dvc exp run` from the project's root, {root}, not from {here.relative_to(root)}/: `cd {root}`"
+        )
+
+
 def load_configuration_checked(self, config_name, overrides, *arguments, **options):
     """Hydra's composition of config_name with the overrides, then the schema's check of the result.
     In DVC's process, first the checkout's claim: a workspace `dvc exp run -S` is refused while another
     dvc run holds the checkout, before DVC writes params.yaml under it (pipeline/runtime.py)."""
     if "dvc.exceptions" in sys.modules:
         try:
+            _check_at_the_root()
             runtime.claim_checkout_to_compose()
         except PipelineError as error:
             raise _refusal(error) from None

@@ -144,6 +144,22 @@ def test_make_run_with_overrides_composes_them_then_runs_the_pipeline(tmp_path, 
     assert "Running stage" not in again.stdout
 
 
+def test_dvc_exp_run_from_a_subfolder_is_one_line_and_writes_nothing(tmp_path, mnist_url):
+    project = make_project(tmp_path)
+    result = run(project / "conf", ["dvc", "exp", "run", "-S", "train.seed=5"], environment(mnist_url), check=False)
+    assert result.returncode != 0
+    assert result.stderr.strip() == (
+        f"ERROR: run `dvc exp run` from the project's root, {project}, not from conf/: `cd {project}`"
+    )
+    assert sorted(path.name for path in (project / "conf").iterdir()) == [
+        "config.yaml",
+        "experiment",
+        "model",
+        "search",
+    ]
+    assert git(project, "status", "--porcelain") == ""
+
+
 def test_make_help_shows_the_values_it_will_use():
     result = subprocess.run([*MAKE, "help", "PORT=6123"], cwd=REPO, capture_output=True, text=True, timeout=60)
     assert "$(" not in result.stdout, [line for line in result.stdout.splitlines() if "$(" in line]
