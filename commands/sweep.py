@@ -195,7 +195,12 @@ def main() -> None:
                 f"`{' '.join(error.cmd)}` failed (exit {error.returncode}); see its output above"
             ) from None
 
-    guard("sweep", checked_sweep, interrupted="`make sweep` again skips the settings already tracked")
+    # Ctrl-C stops this command, not DVC's queue workers (processes of their own): they go on with what is queued.
+    interrupted = (
+        "the experiments already queued go on in DVC's queue (`dvc queue status`): to stop them, `dvc queue "
+        "remove --queued` and `dvc queue stop --kill`; `make sweep` again skips the settings tracked by then"
+    )
+    guard("sweep", checked_sweep, interrupted=interrupted)
 
 
 if __name__ == "__main__":
