@@ -492,12 +492,19 @@ def run_stage(stage: Callable[..., None], *section_names: str) -> None:
         sections = load()
         stage(*(sections[name] for name in section_names))
 
-    interrupted = (
-        "run `dvc repro` again (training resumes from its last completed epoch)"
-        if stage.__name__ == "train"
-        else "run `dvc repro` again"
-    )
-    guard(stage.__name__.replace("_", "-"), validated_stage, interrupted=interrupted)
+    guard(stage.__name__.replace("_", "-"), validated_stage, interrupted=after_an_interrupt(stage.__name__, Path.cwd()))
+
+
+def after_an_interrupt(stage_name: str, workspace: Path) -> str:
+    """What to do after a stage is interrupted: run again, unless it ran in the copy DVC made for a queued
+    or --temp experiment (.dvc/tmp/exps/), which goes away with it, checkpoint included."""
+    if ".dvc/tmp/exps/" in f"{workspace.as_posix()}/":
+        name = os.environ.get("DVC_EXP_NAME") or "the experiment"
+        again = "`dvc exp run --queue`; for a sweep's or a study's, `make sweep` or `make tune` again"
+        return f"its copy is gone: queue {name} again ({again})"
+    if stage_name == "train":
+        return "run `dvc repro` again (training resumes from its last completed epoch)"
+    return "run `dvc repro` again"
 
 
 def main() -> None:

@@ -538,3 +538,16 @@ def test_an_optional_import_is_skipped_only_inside_the_block(tmp_path, monkeypat
     with skipped_optional_import("optional_extra"):  # already imported: left as it is
         assert importlib.import_module("optional_extra").VALUE == 1
     monkeypatch.delitem(sys.modules, "optional_extra")
+
+
+def test_the_advice_after_an_interrupt_fits_where_the_stage_ran(monkeypatch):
+    from pipeline.config import after_an_interrupt
+
+    assert after_an_interrupt("train", Path("/home/me/mnist")) == (
+        "run `dvc repro` again (training resumes from its last completed epoch)"
+    )
+    assert after_an_interrupt("evaluate", Path("/home/me/mnist")) == "run `dvc repro` again"
+    monkeypatch.setenv("DVC_EXP_NAME", "lr_x10-seed1")
+    assert after_an_interrupt("train", Path("/home/me/mnist/.dvc/tmp/exps/tmpab12cd")).startswith(
+        "its copy is gone: queue lr_x10-seed1 again (`dvc exp run --queue`;"
+    )
