@@ -97,6 +97,27 @@ class TrialFailed(Exception):
     """A trial whose experiment failed: Optuna records it as failed and the study goes on."""
 
 
+def tried(study) -> list:
+    """The trials that ran to their end: completed, or failed on their own (a diverged training, say).
+    An interrupted one is not among them: the next `make tune` runs another in its place."""
+    import optuna
+
+    ended = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.FAIL)
+    return [
+        trial for trial in study.get_trials(deepcopy=False, states=ended) if not trial.user_attrs.get("interrupted")
+    ]
+
+
+def stop_after(trials: int):
+    """Optuna's MaxTrialsCallback, counting only the trials tried (interrupted ones run again)."""
+
+    def stop_when_tried(study, trial) -> None:
+        if len(tried(study)) >= trials:
+            study.stop()
+
+    return stop_when_tried
+
+
 def run_trial(trial, space: SearchSpace, study_name: str) -> float:
     overrides = [
         f"{key}={value!r}" if isinstance(value, float) else f"{key}={value}"
@@ -116,6 +137,9 @@ def run_trial(trial, space: SearchSpace, study_name: str) -> float:
         lock.acquire()
     try:
         run = experiment_run(name, overrides, study_name, trial)
+    except KeyboardInterrupt:
+        trial.set_user_attr("interrupted", True)  # Optuna records it as failed; it does not count as tried
+        raise
     finally:
         lock.release()
     trial.set_user_attr("mlflow_run_id", run.info.run_id)
@@ -200,8 +224,7 @@ def tune(space_name: str, trials: int, storage_url: str, study_name: str, seeds:
         sampler=optuna.samplers.TPESampler(),
         load_if_exists=True,
     )
-    finished = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.FAIL)
-    done = len(study.get_trials(states=finished))
+    done = len(tried(study))
     if not force:
         check_not_smaller(max(trials, done), study_name)
     print(f"tune: study {study_name!r} in {storage_url}: {done} of {trials} trials finished", file=sys.stderr)
@@ -210,15 +233,15 @@ def tune(space_name: str, trials: int, storage_url: str, study_name: str, seeds:
         study.optimize(
             lambda trial: run_trial(trial, space, study_name),
             catch=(TrialFailed,),
-            callbacks=[optuna.study.MaxTrialsCallback(trials, states=finished), report],
+            callbacks=[stop_after(trials), report],
         )
     complete = study.get_trials(states=(optuna.trial.TrialState.COMPLETE,))
     if not complete:
         raise PipelineError(f"no trial of study {study_name!r} completed; see the failed trials' lines above")
     print_top(complete, time.monotonic() - started)
     if not force:
-        check_not_smaller(len(study.get_trials(states=finished)), study_name)
-    write_preset(study, len(study.get_trials(states=finished)))
+        check_not_smaller(len(tried(study)), study_name)
+    write_preset(study, len(tried(study)))
     if seeds:
         from commands.sweep import sweep
 

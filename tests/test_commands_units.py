@@ -330,3 +330,19 @@ def test_the_warm_fingerprint_changes_with_the_packages_not_with_bytecode(tmp_pa
     assert installed_distributions(str(tmp_path)) == before
     (tmp_path / "numpy-2.4.0.dist-info").rename(tmp_path / "numpy-2.4.1.dist-info")  # pip upgrading it
     assert installed_distributions(str(tmp_path)) != before
+
+
+def test_an_interrupted_trial_is_not_counted_as_tried():
+    import optuna
+
+    from commands.tune import tried
+
+    study = optuna.create_study(direction="maximize")
+    ended = [
+        optuna.trial.create_trial(state=optuna.trial.TrialState.COMPLETE, value=0.9),
+        optuna.trial.create_trial(state=optuna.trial.TrialState.FAIL, user_attrs={"fail_reason": "diverged"}),
+        optuna.trial.create_trial(state=optuna.trial.TrialState.FAIL, user_attrs={"interrupted": True}),
+    ]
+    for trial in ended:
+        study.add_trial(trial)
+    assert [trial.number for trial in tried(study)] == [0, 1]
