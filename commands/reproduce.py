@@ -50,7 +50,13 @@ CROSS_ENVIRONMENT_TOLERANCE = {
 
 
 def expected_from_revision(revision: str) -> tuple[str, dict, None, dict | None]:
-    commit = git("rev-parse", "--verify", f"{revision}^{{commit}}", check=True)
+    try:
+        commit = git("rev-parse", "--verify", "--quiet", f"{revision}^{{commit}}", check=True)
+    except PipelineError:
+        raise PipelineError(
+            f"no commit {revision} in this repository: give a tag, branch or commit (`git tag` and `git log "
+            "--oneline` list them; a tag made in another clone comes with `git fetch --tags`)"
+        ) from None
     try:
         metrics = json.loads(git("show", f"{commit}:{METRICS_FILE}", check=True))
     except PipelineError:

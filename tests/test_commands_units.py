@@ -346,3 +346,10 @@ def test_an_interrupted_trial_is_not_counted_as_tried():
     for trial in ended:
         study.add_trial(trial)
     assert [trial.number for trial in tried(study)] == [0, 1]
+
+
+def test_a_revision_that_is_not_here_is_one_line_with_the_fix():
+    from commands.reproduce import expected_from_revision
+
+    with pytest.raises(PipelineError, match=r"^no commit no-such-tag in this repository: give a tag, branch or"):
+        expected_from_revision("no-such-tag")
