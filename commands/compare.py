@@ -10,7 +10,6 @@ A store with fewer runs of a setting than the committed table (a fresh clone's, 
 overwrites it: compare names what is missing and writes nothing, unless FORCE=1.
 """
 
-import argparse
 import os
 import re
 import sys
@@ -23,7 +22,7 @@ import pandas as pd
 from pipeline import tracking
 from pipeline.config import CONF_DIR, SETTINGS, TUNED_PRESET, training_hash
 from pipeline.data_io import REPORTS_DIR, atomic_write_text, pyplot, save_figure, write_csv
-from pipeline.errors import PipelineError, guard
+from pipeline.errors import ArgumentParser, PipelineError, guard
 
 # The source article's figures for its MLP, claimed as measured MNIST test accuracy.
 CLAIMED_ACCURACY = {"default": 0.9923, "lr_x10": 0.9912, "batch_x10": 0.9911, "epochs_x10": 0.9935}
@@ -416,7 +415,7 @@ def plan(half_width_points: float) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
         "--force", action="store_true", help="write the table even when it has fewer runs than the committed one"
     )

@@ -7,7 +7,6 @@ alias to that version, so `make serve MODEL=models:/mnist-classifier@champion` s
 example: the JSON body of one test image (data/prepared), for curl.
 """
 
-import argparse
 import json
 import os
 import sys
@@ -17,7 +16,7 @@ import numpy as np
 
 from pipeline import numerics, tracking
 from pipeline.data_io import load_split
-from pipeline.errors import PipelineError, guard
+from pipeline.errors import ArgumentParser, PipelineError, guard
 
 REGISTERED_MODEL = "mnist-classifier"
 TEST_ACCURACY = tracking.TEST_ACCURACY
@@ -172,7 +171,7 @@ def example(index: int) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = ArgumentParser(description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
     serving = commands.add_parser("serve", help="serve a logged model (default: the latest training run's)")
     serving.add_argument("--host", default="127.0.0.1")

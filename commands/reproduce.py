@@ -16,7 +16,6 @@ it, are deleted at the end), in an experiment of its own (<experiment>-reproduce
 does not take it for a sweep's run; the last line names it.
 """
 
-import argparse
 import json
 import math
 import os
@@ -32,7 +31,7 @@ from omegaconf import OmegaConf
 from pipeline import numerics, runtime, tracking
 from pipeline.config import HEADER, PARAMS_FILE, recorded_composition
 from pipeline.data_io import METRICS_FILE, RUN_FILE
-from pipeline.errors import PipelineError, guard
+from pipeline.errors import ArgumentParser, PipelineError, guard
 from pipeline.tracking import git
 
 # How far each metric may move when only the numeric environment changes. Measured by
@@ -225,7 +224,7 @@ def reproduce(revision: str | None, run_id: str | None, tolerance: float | None)
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rev", help="a commit or tag whose stages to rerun (default: HEAD)")
     parser.add_argument("--run", help="an MLflow run id whose commit and overrides to rerun")
     parser.add_argument(

@@ -7,7 +7,6 @@ already tracked for the same config, code and data is skipped unless --force: th
 reads runs, it does not need them twice.
 """
 
-import argparse
 import os
 import re
 import subprocess
@@ -18,7 +17,7 @@ import mlflow
 
 from pipeline import tracking
 from pipeline.config import CONF_DIR, SETTINGS, TUNED_PRESET, training_hash
-from pipeline.errors import PipelineError, guard
+from pipeline.errors import ArgumentParser, PipelineError, guard
 
 
 @tracking.store_faults()
@@ -160,7 +159,7 @@ def tracked_run_id(hash_: str, commit: str | None, sweep: str | None = None, cle
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
         "settings",
         nargs="*",

@@ -11,7 +11,6 @@ database URI that carries one is refused. AUTH=0 turns authentication off, and i
 the server listens on loopback only; no option of --mlflow-args can change where it listens.
 """
 
-import argparse
 import os
 import secrets
 import shlex
@@ -23,7 +22,7 @@ import urllib.parse
 from pathlib import Path
 
 from pipeline import project_root
-from pipeline.errors import PipelineError, guard
+from pipeline.errors import ArgumentParser, PipelineError, guard
 from pipeline.tracking import JOB_RUNNER_SWITCH
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
@@ -186,7 +185,7 @@ def auth_config(database: str) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = ArgumentParser(command="server", description=__doc__.splitlines()[0])
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=5000)
     parser.add_argument("--backend-store-uri", default="", help="postgresql://user@host:port/db (required)")

@@ -15,7 +15,6 @@ of fewer trials than the one that wrote it does not replace it unless forced (as
 keeps a table of more runs): checked before the first trial and again before the write.
 """
 
-import argparse
 import os
 import re
 import subprocess
@@ -32,7 +31,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from pipeline import project_root, tracking
 from pipeline.config import CONF_DIR, TUNED_PRESET, training_hash
-from pipeline.errors import PipelineError, guard
+from pipeline.errors import ArgumentParser, PipelineError, guard
 
 SEARCH_DIR = CONF_DIR / "search"
 # A worker that dies without a word (SIGKILL, power cut) leaves its trial RUNNING; a trial whose
@@ -318,7 +317,7 @@ def write_preset(study, finished: int) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--space", default="mlp", help="conf/search/<space>.yaml")
     parser.add_argument("--trials", type=int, default=20, help="finished trials the study should hold")
     parser.add_argument("--storage", help="Optuna storage URL (default sqlite:///<project>/optuna.db)")

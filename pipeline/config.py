@@ -12,7 +12,6 @@ The `params` stage runs first, and DVC removes a stage's outputs only when it ru
 (dvc/stage/__init__.py, Stage.run): a value refused here leaves every output in place.
 """
 
-import argparse
 import hashlib
 import json
 import math
@@ -31,7 +30,7 @@ from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from pipeline import runtime
-from pipeline.errors import PipelineError, guard
+from pipeline.errors import ArgumentParser, PipelineError, guard
 
 PARAMS_FILE = Path("params.yaml")
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
@@ -508,7 +507,7 @@ def after_an_interrupt(stage_name: str, workspace: Path) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description="Compose conf/ into params.yaml.")
+    parser = ArgumentParser(command="params", description="Compose conf/ into params.yaml.")
     mode = parser.add_mutually_exclusive_group()
     mode.add_argument(
         "--sync",

@@ -6,6 +6,7 @@ Ctrl-C, SIGTERM or SIGHUP is one line and exit 130. Anything else is a bug and k
 PIPELINE_DEBUG=1 adds the traceback to the one-line errors too.
 """
 
+import argparse
 import os
 import signal
 import sys
@@ -13,11 +14,24 @@ import threading
 import traceback
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 
 class PipelineError(Exception):
     """A problem the user can fix; reported as one line, without a traceback."""
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse, with a mistake in the options (`make serve PORT=abc`) as one line, `error: <command>:
+    <mistake>`, and argparse's exit status 2, rather than its usage text."""
+
+    def __init__(self, *arguments: Any, command: str | None = None, **options: Any) -> None:
+        super().__init__(*arguments, **options)
+        self.command = command or self.prog.split()[-1].removesuffix(".py")  # a subcommand's: its own name
+
+    def error(self, message: str) -> NoReturn:
+        print(f"error: {self.command}: {message}; `make help` lists the targets and their settings", file=sys.stderr)
+        sys.exit(2)
 
 
 # Set by the signal handler below. Python drops an exception raised inside a __del__ method ("Exception

@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING
 
 from pipeline import project_root, runtime
 from pipeline.data_io import PREPARED_DIR, RUN_FILE, TRAINING_INPUTS, read_run_id
-from pipeline.errors import PipelineError, guard, raise_if_interrupted
+from pipeline.errors import ArgumentParser, PipelineError, guard, raise_if_interrupted
 
 if TYPE_CHECKING:
     import mlflow
@@ -763,9 +763,7 @@ def serve_ui(host: str, port: int, command: list[str]) -> int:
 
 
 if __name__ == "__main__":
-    import argparse
-
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         description="`make ui`: the MLflow UI, and its link to the training runs.",
         epilog="ui runs the server command given after --, and prints the link once it answers.",
     )

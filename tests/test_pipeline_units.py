@@ -551,3 +551,17 @@ def test_the_advice_after_an_interrupt_fits_where_the_stage_ran(monkeypatch):
     assert after_an_interrupt("train", Path("/home/me/mnist/.dvc/tmp/exps/tmpab12cd")).startswith(
         "its copy is gone: queue lr_x10-seed1 again (`dvc exp run --queue`;"
     )
+
+
+def test_a_mistake_in_a_commands_options_is_one_line(capsys):
+    from pipeline.errors import ArgumentParser
+
+    parser = ArgumentParser(prog="model_server.py")
+    serve = parser.add_subparsers(dest="command").add_parser("serve")  # a subcommand speaks as itself
+    serve.add_argument("--port", type=int)
+    with pytest.raises(SystemExit) as exited:
+        parser.parse_args(["serve", "--port", "abc"])
+    assert exited.value.code == 2
+    assert capsys.readouterr().err == (
+        "error: serve: argument --port: invalid int value: 'abc'; `make help` lists the targets and their settings\n"
+    )
