@@ -142,8 +142,8 @@ tune: $(INSTALLED)
 
 ## runs: the DVC experiments in a terminal: test accuracy (best first) and every param that differs among
 ##   them, as wide as that takes (COLUMNS=100 caps it: columns past it show as …). ALL=1: every commit's
-# --only-changed drops the params that every row shares (and the State column when no experiment is queued,
-# running or failed: a failed one shows its parent's metrics); --drop the stage outputs, the other metrics and
+# --only-changed drops the params that every row shares (and the State column when no experiment came from
+# DVC's queue: it tells a failed one, shown with its parent's metrics, from one that ran); --drop the stage outputs, the other metrics and
 # dvc's bookkeeping; --keep holds test_accuracy even when every row has the same. Without a pager, dvc cuts
 # the table at COLUMNS (80 when unset, and shells do not export theirs): the params that differ would go.
 RUNS_DROP := ^(Created|Executor|[a-z0-9_]+|.*/.*|.*\.(lock|py|yaml|yml|json|csv|txt)|(download|evaluate|error_analysis)\..*)$$
