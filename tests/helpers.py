@@ -24,6 +24,7 @@ import yaml
 from omegaconf import OmegaConf
 
 from pipeline.config import write_params
+from pipeline.tracking import UI_STOP_SECONDS
 
 REPO = Path(__file__).resolve().parent.parent
 POSTGRES_BIN = sorted(glob.glob("/usr/lib/postgresql/*/bin"))
@@ -177,10 +178,14 @@ def written_files(folder: Path) -> list[Path]:
 
 
 def stop(process: subprocess.Popen) -> None:
-    """Stops a server started with start_new_session=True, with everything it spawned."""
+    """Stops a server started with start_new_session=True, with everything it spawned.
+
+    Waits longer than `make ui` gives its server to stop (UI_STOP_SECONDS, then it kills the server's
+    own session): killed before that, the wrapper would leave the server running, orphaned.
+    """
     try:
         os.killpg(process.pid, signal.SIGTERM)
-        process.wait(timeout=20)
+        process.wait(timeout=UI_STOP_SECONDS + 15)
     except subprocess.TimeoutExpired:
         os.killpg(process.pid, signal.SIGKILL)
     except ProcessLookupError:
