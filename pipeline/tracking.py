@@ -48,8 +48,9 @@ RESULT_INPUTS = (
 )
 
 
-# The stores the project checks and tests: a SQLite file (its own, mlflow.db), a tracking server, or a
-# database MLflow's SQLAlchemy store takes. MLflow 3.17 no longer writes file stores (file:, a bare path).
+# The stores MLflow 3.17 writes: a SQLite file (the project's own, mlflow.db, and the tested one besides a
+# tracking server), a tracking server, or another database of its SQLAlchemy store. File stores (file:, a
+# bare path) it no longer writes.
 STORE_SCHEMES = ("sqlite:///", "http://", "https://", "postgresql", "mysql", "mssql")
 
 
